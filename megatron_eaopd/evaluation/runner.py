@@ -86,7 +86,7 @@ class ScriptedGenerator:
     """
 
     def __init__(self, outputs: Mapping[str, Sequence[Any]] | Callable[[str, int, int], Any]):
-        self.outputs = outputs
+        self.outputs = outputs if callable(outputs) else {k.strip(): v for k, v in outputs.items()}
         self.calls: list[tuple[list[str], int, int]] = []
 
     @staticmethod
@@ -100,12 +100,13 @@ class ScriptedGenerator:
 
     def _lookup(self, prompt: str) -> Sequence[Any]:
         assert not callable(self.outputs)
+        prompt = prompt.strip()
         if prompt in self.outputs:
             return self.outputs[prompt]
         for sep in (PROMPT_SEPARATOR, "\n", ""):
             tail = sep + PROMPT_SUFFIX
-            if prompt.endswith(tail) and prompt[: -len(tail)] in self.outputs:
-                return self.outputs[prompt[: -len(tail)]]
+            if prompt.endswith(tail) and prompt[: -len(tail)].strip() in self.outputs:
+                return self.outputs[prompt[: -len(tail)].strip()]
         raise KeyError(f"no scripted outputs for prompt {prompt[:80]!r}...")
 
     def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:

@@ -1,0 +1,93 @@
+"""math-verify grading: last-\\boxed extraction, an equivalence table, worker processes, timeouts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from megatron_eaopd.evaluation.grading import GradingPool, grade_answers, grade_one, last_boxed
+
+# (gold, model output, expected verdict)
+TABLE = [
+    ("\\frac{1}{2}", "So the answer is \\boxed{0.5}.", True),              # fraction vs decimal
+    ("0.5", "\\boxed{\\dfrac{1}{2}}", True),
+    ("\\frac{1}{3}", "\\boxed{0.34}", False),
+    ("[1,2)", "The set is \\boxed{[1, 2)}", True),                          # interval
+    ("[1,2)", "\\boxed{(1,2]}", False),
+    ("(-\\infty, 3]", "\\boxed{(-\\infty,3]}", True),
+    ("(3, 4)", "Point \\boxed{(3,4)}", True),                              # tuple / point
+    ("(3, 4)", "\\boxed{(4,3)}", False),
+    ("10", "The length is \\boxed{10\\text{ cm}}", True),                   # units
+    ("90^\\circ", "\\boxed{90}", True),
+    ("\\sqrt{2}/2", "\\boxed{\\frac{\\sqrt{2}}{2}}", True),                 # nested braces
+    ("x^2+1", "\\boxed{1 + x^{2}}", True),
+    ("\\{1,2\\}", "\\boxed{\\{2, 1\\}}", True),                             # escaped braces in a box
+    ("3", "first \\boxed{5} then corrected: \\boxed{3}", True),            # LAST box wins
+    ("5", "first \\boxed{5} then corrected: \\boxed{3}", False),
+    ("\\$36", "\\boxed{36}", True),                                         # escaped $ in gold
+    ("7", "the answer is 7", False),                                        # no box: wrong
+    ("7", "", False),
+    ("7", "cut off inside \\boxed{\\frac{7}{", False),                      # unterminated box
+]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a \\boxed{1} b \\boxed{\\frac{a}{b^{2}}} c", "\\frac{a}{b^{2}}"),
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
+    ("\\fbox{4} and later \\boxed{5}", "5"),
+    ("\\boxed{5} then \\fbox{6}", "6"),
+    ("answer \\boxed 7 done", "7"),
+    ("\\boxed{}", ""),
+    ("no box", None),
+    ("\\boxed{unterminated {", None),
+    (None, None),
+])
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("gold,output,expected", TABLE)
+def test_grade_one_table(gold, output, expected):
+    r = grade_one(gold, output)
+    assert r.correct is expected, (gold, output, r)
+    assert not r.timed_out
+
+
+def test_no_answer_reports_none():
+    r = grade_one("7", "the answer is 7")
+    assert r.extracted is None and r.correct is False
+    # without require_boxed the whole text is parsed
+    assert grade_one("7", "the answer is 7", require_boxed=False).correct is True
+
+
+def test_table_in_worker_processes():
+    golds = [g for g, _, _ in TABLE]
+    outs = [o for _, o, _ in TABLE]
+    res = grade_answers(golds, outs, workers=2, timeout=20.0)
+    assert [r.correct for r in res] == [e for _, _, e in TABLE]
+    assert [r.extracted for r in res] == [last_boxed(o) for o in outs]
+
+
+def test_hanging_item_times_out_and_worker_is_replaced():
+    # sympy evaluates 10^(10^10) exactly: minutes of C-level big-int work that no signal interrupts.
+    pairs = [("1", "\\boxed{10^{10^{10}}}"), ("2", "\\boxed{2}"), ("1/2", "\\boxed{0.5}"), ("3", "\\boxed{4}")]
+    t0 = time.monotonic()
+    with GradingPool(workers=2, timeout=2.0) as pool:
+        res = pool.grade(pairs)
+        assert pool.n_timeouts == 1 and pool.n_restarts == 1
+        # the pool still works after the replacement
+        assert pool.grade([("5", "\\boxed{5}")])[0].correct
+    assert time.monotonic() - t0 < 30
+    assert res[0].timed_out and not res[0].correct and res[0].extracted == "10^{10^{10}}"
+    assert [r.correct for r in res[1:]] == [True, True, False]
+    assert not any(r.timed_out for r in res[1:])
+
+
+def test_pool_argument_errors():
+    with pytest.raises(ValueError, match="workers"):
+        GradingPool(workers=0)
+    with pytest.raises(ValueError, match="timeout"):
+        GradingPool(timeout=0)
+    with pytest.raises(ValueError, match="2 gold answers but 1 outputs"):
+        grade_answers(["1", "2"], ["\\boxed{1}"])
