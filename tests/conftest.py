@@ -1,17 +1,19 @@
 """Shared pytest fixtures: the multi-rank launcher and GPU skipping.
 
 Multi-rank tests run a script under ``torchrun --nproc-per-node N`` (gloo on CPU, a fresh free
-port each time); every rank prints ``RESULT {json}`` lines (see ``tests/scripts/_report.py``),
-and the fixture returns them grouped by rank so the test can assert on real values.
+port each time); every rank records JSON results through ``tests/scripts/_report.py`` (one file per
+rank), and the fixture returns them grouped by rank so the test can assert on real values.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+# torchrun scripts double as importable modules for the in-process (TP = 1) variants of their checks
+sys.path.insert(0, str(SCRIPTS))
+sys.path.insert(0, str(SCRIPTS.parent))
 
 
 def free_port() -> int:
@@ -42,16 +47,19 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, env: dict | None = 
         f"--nproc-per-node={nproc}", "--nnodes=1", "--master-addr=127.0.0.1", f"--master-port={port}",
         str(script), *args,
     ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{SCRIPTS}", "PYTHONWARNINGS": "ignore"}
+    result_dir = tempfile.mkdtemp(prefix="torchrun_results_")
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{SCRIPTS}", "PYTHONWARNINGS": "ignore",
+                "RESULT_DIR": result_dir}
     full_env.update(env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)
     out = proc.stdout + "\n" + proc.stderr
     assert proc.returncode == 0, f"torchrun {script.name} failed (rc={proc.returncode}):\n{out[-8000:]}"
     results: dict[int, list[dict]] = {r: [] for r in range(nproc)}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            rec = json.loads(line[len("RESULT "):])
-            results[rec["rank"]].append(rec)
+    for r in range(nproc):
+        path = Path(result_dir) / f"rank{r}.jsonl"
+        if path.exists():
+            results[r] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    shutil.rmtree(result_dir, ignore_errors=True)
     for r, recs in results.items():
         assert recs, f"rank {r} reported no RESULT lines:\n{out[-8000:]}"
     return results

@@ -17,6 +17,16 @@ def _plain(v):
 
 
 def report(**values):
-    """Print one ``RESULT {json}`` line tagged with this process's global rank."""
+    """Record one result tagged with this process's global rank.
+
+    Appends a JSON line to ``$RESULT_DIR/rank<r>.jsonl`` when the test harness sets ``RESULT_DIR``
+    (ranks share one stdout pipe, where lines can interleave); prints ``RESULT {json}`` otherwise.
+    """
     rank = int(os.environ.get("RANK", 0))
-    print("RESULT " + json.dumps({"rank": rank, **_plain(values)}), flush=True)
+    line = json.dumps({"rank": rank, **_plain(values)})
+    out_dir = os.environ.get("RESULT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, f"rank{rank}.jsonl"), "a") as f:
+            f.write(line + "\n")
+    else:
+        print("RESULT " + line, flush=True)

@@ -1,0 +1,160 @@
+"""Vocab-parallel loss vs the float64 single-process reference, at the TP size of the launch.
+
+    torchrun --nproc-per-node N tests/scripts/loss_tp.py      (N in 1, 2, 4; gloo)
+
+Every rank builds the same full logits, keeps its vocab shard, runs each public function forward and
+backward, and reports ``err`` (values) and ``gerr`` (its shard of the gradient) against the reference.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import loss_reference as ref  # noqa: E402
+from _report import report  # noqa: E402
+
+from megatron_eaopd.loss import (  # noqa: E402
+    EOPDConfig,
+    eopd_loss,
+    teacher_signals,
+    vocab_parallel_entropy,
+    vocab_parallel_kl,
+    vocab_parallel_log_probs,
+    vocab_parallel_log_softmax_stats,
+    vocab_parallel_topk,
+)
+
+V, VOCAB, B, S = 96, 90, 3, 7  # padded vocabulary 96 (divisible by 1, 2, 4), true vocabulary 90
+
+
+def make_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.3, 6.0, B * S).view(B, S, 1)[:, torch.randperm(S, generator=g)]  # entropies across tau
+    student = torch.randn(B, S, V, generator=g, dtype=torch.float64) * 2.0
+    teacher = torch.randn(B, S, V, generator=g, dtype=torch.float64) * scale
+    teacher[..., VOCAB:] = 25.0  # padded rows: largest logits, must still get zero mass
+    student[..., VOCAB:] = 30.0
+    target = torch.randint(0, VOCAB, (B, S), generator=g)
+    old = ref.log_probs(student + 0.1 * torch.randn(B, S, V, generator=g, dtype=torch.float64), target[..., None],
+                        VOCAB)[..., 0]
+    mask = (torch.rand(B, S, generator=g) > 0.25).double()
+    mask[0, 0] = 1.0
+    upstream = torch.randn(B, S, generator=g, dtype=torch.float64)
+    return student, teacher, target, old, mask, upstream
+
+
+def leaf(full, rank, world, dtype):
+    return ref.shard(full, rank, world).to(dtype).clone().requires_grad_(True)
+
+
+def rounded(full, dtype):
+    """The exact values the kernel sees: inputs rounded to ``dtype``, then float64 for the reference."""
+    return full.to(dtype).double()
+
+
+def run_checks(rank: int, world: int, dtype: torch.dtype, group=None) -> list[dict]:
+    out = []
+    student, teacher, target, old, mask, w = make_inputs()
+    st, te = rounded(student, dtype), rounded(teacher, dtype)
+    kw = dict(group=group, vocab_size=VOCAB)
+
+    def rec(name, err, gerr=0.0):
+        out.append(dict(check=name, err=err, gerr=gerr))
+
+    # stats
+    m, lse = vocab_parallel_log_softmax_stats(ref.shard(student, rank, world).to(dtype), **kw)
+    rec("lse", ref.rel_err(lse, ref.lse(st, VOCAB)))
+
+    # entropy (and at T = 0.7)
+    for t in (1.0, 0.7):
+        x = leaf(student, rank, world, dtype)
+        h = vocab_parallel_entropy(x, temperature=t, **kw)
+        (h.double() * w).sum().backward()
+        xr = st.clone().requires_grad_(True)
+        hr = ref.entropy(xr, VOCAB, t)
+        (hr * w).sum().backward()
+        rec(f"entropy_T{t}", ref.rel_err(h, hr), ref.rel_err(x.grad, ref.shard(xr.grad, rank, world)))
+
+    # log-probs at 3 ids per row
+    ids = torch.stack([target, (target * 7 + 3) % VOCAB, (target + 11) % VOCAB], dim=-1)
+    wk = torch.randn(ids.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x = leaf(student, rank, world, dtype)
+    lp = vocab_parallel_log_probs(x, ids, **kw)
+    (lp.double() * wk).sum().backward()
+    xr = st.clone().requires_grad_(True)
+    lr = ref.log_probs(xr, ids, VOCAB)
+    (lr * wk).sum().backward()
+    rec("log_probs", ref.rel_err(lp, lr), ref.rel_err(x.grad, ref.shard(xr.grad, rank, world)))
+
+    # top-k
+    tv, ti = vocab_parallel_topk(ref.shard(teacher, rank, world).to(dtype), 16, **kw)
+    full_lp = ref.masked_log_softmax(te, VOCAB)
+    rv, _ = full_lp.topk(16, dim=-1)
+    # ids are compared through their values: bf16 rounding creates exact ties whose order is arbitrary
+    rec("topk", ref.rel_err(tv, rv) + ref.rel_err(full_lp.gather(-1, ti), rv) + float((ti >= VOCAB).any())
+        + float(any(len(set(r)) != 16 for r in ti.reshape(-1, 16).tolist())))
+
+    # KL(p||q): gradient to p, then gradient to q
+    for side in ("p", "q"):
+        xp = leaf(student, rank, world, dtype)
+        xq = leaf(teacher, rank, world, dtype)
+        (xq if side == "p" else xp).requires_grad_(False)
+        k = vocab_parallel_kl(xp, xq, **kw)
+        (k.double() * w).sum().backward()
+        pr = st.clone().requires_grad_(side == "p")
+        qr = te.clone().requires_grad_(side == "q")
+        kr = ref.kl(pr, qr, VOCAB)
+        (kr * w).sum().backward()
+        mine, theirs = (xp.grad, pr.grad) if side == "p" else (xq.grad, qr.grad)
+        rec(f"kl_grad_{side}", ref.rel_err(k, kr), ref.rel_err(mine, ref.shard(theirs, rank, world)))
+
+    # the EOPD objective, every mode and support
+    variants = [dict(mode="topk", fkl_support=s) for s in ("renormalize", "raw", "tail")]
+    variants += [dict(mode="topk", fkl_support="tail", temperature=0.7, alpha=0.5), dict(mode="full"),
+                 dict(mode="full", temperature=1.3), dict(mode="topk", alpha=0.0)]
+    for v in variants:
+        cfg = EOPDConfig(vocab_size=VOCAB, top_k=8, **v)
+        xs = leaf(student, rank, world, dtype)
+        xt = ref.shard(teacher, rank, world).to(dtype)
+        sig = teacher_signals(xt, target, cfg, group=group)
+        loss, n, metrics = eopd_loss(xs, sig, old.float(), mask, cfg, group=group)
+        loss.backward()
+        xr = st.clone().requires_grad_(True)
+        lref, nref, _, parts = ref.eopd(xr, te, target, old.float().double(), mask, top_k=8, vocab_size=VOCAB, **v)
+        lref.backward()
+        name = "eopd_" + "_".join(f"{a}={b}" for a, b in v.items())
+        rec(name, ref.rel_err(loss, lref) + abs(float(n) - float(nref)),
+            ref.rel_err(xs.grad, ref.shard(xr.grad, rank, world)))
+        gate_ref = float((parts["gate"] * mask).sum() / mask.sum())
+        rec(name + "_gate", abs(float(metrics["gate_fraction"]) - gate_ref))
+    return out
+
+
+def unequal_shards(rank: int, world: int) -> str:
+    x = torch.randn(2, 10 + rank)
+    try:
+        vocab_parallel_entropy(x)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def main():
+    from megatron_eaopd.distributed import init_distributed, init_model_parallel
+
+    env = init_distributed(timeout_s=120)
+    init_model_parallel(tp=env.world_size)
+    for dtype in (torch.float32, torch.bfloat16):
+        for r in run_checks(dist.get_rank(), dist.get_world_size(), dtype):
+            report(dtype=str(dtype), **r)
+    report(check="unequal_shards", message=unequal_shards(dist.get_rank(), dist.get_world_size()))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
