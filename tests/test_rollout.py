@@ -172,6 +172,15 @@ def test_tp2_identical_on_ranks_and_equal_to_tp1(tp1, tp2):
     assert r0["A"]["lp_err"] < 1e-5 and r1["A"]["lp_err"] < 1e-5
 
 
+def test_megatron_generator_protocol(tp1):
+    g = tp1["GEN"]
+    assert g["sample_type"] == "megatron_eaopd.evaluation.runner.Sample"
+    assert g["shape"] == [2, 2] and g["same"]
+    for group in g["samples"]:
+        for text, num_tokens, truncated in group:
+            assert 1 <= num_tokens <= 8 and truncated == (num_tokens == 8) and len(text.split()) == num_tokens
+
+
 @pytest.mark.gpu
 def test_dynamic_engine_gpu():
     rec = _by_name(run_torchrun("rollout_check.py", 1, "dynamic")[0])

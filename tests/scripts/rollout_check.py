@@ -113,6 +113,15 @@ def main():
 
     t = ro.generate(PROMPTS, RolloutParams(temperature=0.5, top_p=0.9, max_new_tokens=NEW, n=1, seed=3, eos_ids=(EOS,)))
     report(name="T05", lp_err=lp_err(model, t), tokens=t.tokens, logprob_mask=t.logprob_mask.long())
+
+    from megatron_eaopd.rollout import MegatronGenerator
+
+    gen = MegatronGenerator(ro, max_new_tokens=8, temperature=1.0, top_p=0.8, eos_ids=(EOS,), batch_size=1)
+    g1 = gen.generate(["5 17 42", "7 1"], n=2, seed=3)
+    g2 = gen.generate(["5 17 42", "7 1"], n=2, seed=3)
+    report(name="GEN", sample_type=type(g1[0][0]).__module__ + "." + type(g1[0][0]).__name__,
+           shape=[len(g) for g in g1], same=[[s.text for s in g] for g in g1] == [[s.text for s in g] for g in g2],
+           samples=[[[s.text, s.num_tokens, s.truncated] for s in g] for g in g1])
     destroy()
 
 
