@@ -500,7 +500,10 @@ class Rollout:
         ctrl.sampling_rng.manual_seed(seed)
         sp.skip_prompt_log_probs = True
         sp.termination_id = eod
-        records = eng.generate(prompts=[list(p) for p in rows], sampling_params=sp)
+        # as StaticInferenceEngine.generate_using_dynamic_engine does: eval mode, fresh context, no autograd
+        ctrl.inference_wrapped_model.prep_model_for_inference()
+        with torch.inference_mode():
+            records = eng.generate(prompts=[list(p) for p in rows], sampling_params=sp)
         responses, logprobs, stopped = [], [], []
         for rec in records:
             r = rec.merge()
