@@ -13,6 +13,7 @@ Sources: method.md ("Training setup": MATH train, 128 prompts per iteration, max
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -295,6 +296,7 @@ class PromptDataset:
         self.skipped_ids: list[str] = []
         longest = 0
         for r in records:
+            r = dataclasses.replace(r)  # never mutate the caller's records
             r.prompt = build_prompt(r.problem, tokenizer, chat_template, suffix, separator)
             if tokenizer is not None:
                 r.input_ids = list(tokenizer.encode(r.prompt, add_special_tokens=not chat_template))

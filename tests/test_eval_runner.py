@@ -131,6 +131,14 @@ def test_resume_skips_complete_problems(two_benchmarks, tmp_path):
     gen3 = ScriptedGenerator(script)
     run_evaluation(gen3, benches, out, _cfg())
     assert gen3.calls == []
+    # fewer samples per problem reuses the first n and keeps the rest on disk
+    gen4 = ScriptedGenerator(script)
+    s4 = run_evaluation(gen4, benches, out, _cfg(n=2, ks=[2]))
+    assert gen4.calls == [] and s4["benchmarks"]["alpha"]["avg"] == pytest.approx(100 * (2 + 0 + 2) / 6)
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 20
+    # other generation settings must not be mixed into the same folder
+    with pytest.raises(ValueError, match="other settings .*temperature"):
+        run_evaluation(ScriptedGenerator(script), benches, out, _cfg(temperature=0.6))
 
 
 def test_replay_generator_regrades_a_samples_file(two_benchmarks, tmp_path):

@@ -226,6 +226,8 @@ class GradingPool:
         ``"spawn"``; fn (callable, picklable, module level): the per-item function, taking a task
         tuple and returning a GradeResult dict (default: math-verify grading; tests may inject one).
     Raises: ValueError for workers < 1 or timeout <= 0.
+    Note: with the ``forkserver``/``spawn`` start methods a script that creates a pool must guard its
+    entry point with ``if __name__ == "__main__":`` (standard multiprocessing rule).
     """
 
     def __init__(self, workers: int = 2, timeout: float = 10.0, require_boxed: bool = True,

@@ -240,9 +240,9 @@ def load_benchmark(path: str | Path, fields: FieldMap | None = None, limit: int 
         raise
 
 
-def _read_done(samples_path: Path, n: int) -> dict[tuple[str, str], list[dict]]:
-    """Complete problems in an existing samples file: ``{(benchmark, id): [n records by sample]}``."""
-    done: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
+def _read_samples(samples_path: Path) -> dict[tuple[str, str], dict[int, dict]]:
+    """All records of an existing samples file: ``{(benchmark, id): {sample index: record}}``."""
+    found: dict[tuple[str, str], dict[int, dict]] = defaultdict(dict)
     if not samples_path.is_file():
         return {}
     with samples_path.open(encoding="utf-8") as f:
@@ -254,8 +254,24 @@ def _read_done(samples_path: Path, n: int) -> dict[tuple[str, str], list[dict]]:
             except json.JSONDecodeError:
                 logger.warning("ignoring a corrupt line in %s (interrupted write?)", samples_path)
                 continue
-            done[(rec["benchmark"], str(rec["id"]))][int(rec["sample"])] = rec
-    return {key: [d[i] for i in range(n)] for key, d in done.items() if all(i in d for i in range(n))}
+            found[(rec["benchmark"], str(rec["id"]))][int(rec["sample"])] = rec
+    return found
+
+
+#: Settings that change the samples: a resumed run must use the same ones.
+_RESUME_KEYS = ("model", "temperature", "top_p", "max_new_tokens", "seed", "prompt_suffix", "chat_template")
+
+
+def _check_resume_config(out: Path, run_cfg: dict) -> None:
+    """Raise ValueError when ``out`` holds samples made with different generation settings."""
+    path = out / "run_config.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), run_cfg.get(k)) for k in _RESUME_KEYS if old.get(k) != run_cfg.get(k)}
+        if diff:
+            raise ValueError(f"{out} holds samples generated with other settings {diff} (saved vs now); "
+                             f"use a new --out folder or delete {out / 'samples.jsonl'}")
+    path.write_text(json.dumps({k: run_cfg.get(k) for k in _RESUME_KEYS}, indent=2) + "\n")
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
@@ -283,7 +299,10 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
         where metrics are from ``metrics.benchmark_metrics`` (percent).
     Raises: ValueError for k > n or a generator returning the wrong number of samples; DataError /
         FileNotFoundError for bad benchmark files.
-    Resumable: problems whose n samples are already in ``out_dir/samples.jsonl`` are not regenerated.
+    Resumable: problems whose n samples are already in ``out_dir/samples.jsonl`` are not regenerated;
+        ``out_dir/run_config.json`` records the generation settings and a rerun with different ones
+        (model, temperature, top_p, max_new_tokens, seed, prompt suffix, chat template) raises
+        ValueError instead of mixing samples.
     """
     cfg = config or EvalConfig()
     ks = cfg.resolved_ks()
@@ -292,13 +311,20 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
-    done = _read_done(samples_path, cfg.n)
-    # keep only complete problems so partial ones are regenerated cleanly
+    run_cfg = {"model": model_name, "n": cfg.n, "ks": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,
+               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "limit": cfg.limit,
+               "prompt_suffix": cfg.suffix, "chat_template": cfg.chat_template}
+    _check_resume_config(out, run_cfg)
+    found = _read_samples(samples_path)
+    complete = {key for key, d in found.items() if all(i in d for i in range(cfg.n))}
+    done = {key: [found[key][i] for i in range(cfg.n)] for key in complete}
+    # keep every record of complete problems (a run with larger n may reuse them); drop partial
+    # problems so they are regenerated cleanly
     if samples_path.exists():
         with samples_path.open("w", encoding="utf-8") as f:
-            for recs in done.values():
-                for r in recs:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            for key in complete:
+                for i in sorted(found[key]):
+                    f.write(json.dumps(found[key][i], ensure_ascii=False) + "\n")
 
     data = [(name, load_benchmark(path, cfg.fields, cfg.limit)) for name, path in benchmarks]
     total = sum(len(recs) for _, recs in data)
@@ -346,10 +372,7 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
     for name, recs in data:
         per_bench[name] = benchmark_metrics([done[(name, r.id)] for r in recs], ks)
     summary = {
-        "config": {"model": model_name, "n": cfg.n, "ks": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                   "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "limit": cfg.limit,
-                   "prompt_suffix": cfg.suffix, "chat_template": cfg.chat_template,
-                   "benchmarks": {name: str(p) for name, p in benchmarks}},
+        "config": {**run_cfg, "benchmarks": {name: str(p) for name, p in benchmarks}},
         "benchmarks": per_bench,
         "mean": mean_over_benchmarks(per_bench),
         "run": {"problems": total, "resumed_problems": skipped_resume, "grading_timeouts_this_run": n_timeouts,
