@@ -228,6 +228,12 @@ def _setup(tp: int, pp: int):
     from megatron_eaopd.distributed import init_distributed, init_model_parallel
     from megatron_eaopd.models.provider import seed_model_rng
 
+    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:  # a world of one: any free port (never collide with a concurrent run)
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     init_distributed()
     init_model_parallel(tp, pp)
     seed_model_rng(1234)

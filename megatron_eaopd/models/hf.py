@@ -302,8 +302,6 @@ def hf_to_transformer_config(
     Raises:
         ValueError: heads / query groups not divisible by ``tp`` or layers by ``pp`` (names the fix).
     """
-    from megatron.core.transformer import TransformerConfig
-
     a = hf_to_gpt_args(cfg)
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     if a.num_heads % tp or a.num_query_groups % tp:
@@ -313,6 +311,8 @@ def hf_to_transformer_config(
         )
     if a.num_layers % pp:
         raise ValueError(f"pipeline parallel size {pp} must divide num_hidden_layers ({a.num_layers})")
+    from megatron.core.transformer import TransformerConfig
+
     kw: dict[str, Any] = dict(
         num_layers=a.num_layers,
         hidden_size=a.hidden_size,

@@ -1,0 +1,238 @@
+"""HF <-> Megatron converter: round trips, logits at TP1/TP2/PP2, tied embeddings at PP2, the CLI,
+error messages, and the real SmolLM2-135M-Instruct (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent / "scripts"))
+from models_tiny import KINDS, make_tiny  # noqa: E402
+
+FP32_TOL = 1e-5
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def _summary(proc) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith("SUMMARY ")][-1]
+    return json.loads(line[len("SUMMARY "):])
+
+
+def _load_st(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    if not out and (d / "pytorch_model.bin").is_file():
+        out = torch.load(d / "pytorch_model.bin", weights_only=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    w = tmp_path_factory.mktemp("convert")
+    for k in KINDS:
+        make_tiny(k, w / "hf" / k)
+    return w
+
+
+@pytest.fixture(scope="session")
+def roundtrip(work):
+    from conftest import run_torchrun
+
+    res = run_torchrun("convert_roundtrip.py", 1, str(work), *KINDS, timeout=600)
+    return {r["kind"]: r for r in res[0]}
+
+
+@pytest.fixture(scope="session")
+def parallel(work, roundtrip):
+    from conftest import run_torchrun
+
+    return run_torchrun("convert_parallel.py", 2, str(work), *KINDS, timeout=600)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_import_export_bit_exact(work, roundtrip, kind):
+    r = roundtrip[kind]
+    assert r["dtype"] == "float32"  # source dtype kept
+    assert r["true_vocab"] == 300 and r["padded"] == 384
+    src, dst = _load_st(work / "hf" / kind), _load_st(work / "export" / kind)
+    if json.loads((work / "hf" / kind / "config.json").read_text()).get("tie_word_embeddings"):
+        src.pop("lm_head.weight", None)  # .bin sources may carry the tied copy; HF safetensors store it once
+        assert "lm_head.weight" not in dst
+    else:
+        assert "lm_head.weight" in dst
+    assert set(src) == set(dst)
+    for k in src:
+        assert src[k].dtype == dst[k].dtype and torch.equal(src[k], dst[k]), k
+    assert json.loads((work / "hf" / kind / "config.json").read_text()) == json.loads((work / "export" / kind / "config.json").read_text())
+    assert (work / "export" / kind / "generation_config.json").is_file()
+    assert (work / "export" / kind / "model.safetensors.index.json").is_file()  # 150KB shards -> index
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tp1_logits_match_hf(roundtrip, kind):
+    r = roundtrip[kind]
+    assert r["tp1_diff"] <= FP32_TOL
+    for v in (r["import_verify"], r["export_verify"]):
+        assert v["passed"] and v["max_abs_diff"] <= FP32_TOL and v["top1_agreement"] == 1.0
+
+
+def test_exported_loads_with_transformers(work, roundtrip):
+    from transformers import AutoModelForCausalLM
+
+    from models_tiny import hf_logits
+
+    for kind in ("qwen3_tied", "llama_rope"):
+        m = AutoModelForCausalLM.from_pretrained(str(work / "export" / kind))  # no shared-tensor errors (B22)
+        assert m.config.tie_word_embeddings == (kind == "qwen3_tied")
+        assert torch.equal(hf_logits(work / "export" / kind), torch.load(work / f"ref_{kind}.pt"))
+
+
+def test_tp2_pp2_logits_and_tied_pp2(parallel):
+    recs = [r for rank in parallel.values() for r in rank if "kind" in r]
+    seen = set()
+    for r in recs:
+        if r["diff"] is not None:
+            assert r["diff"] <= FP32_TOL, r
+            seen.add((r["kind"], r["tp"], r["pp"], r["source"]))
+        if r["tp"] == 2:
+            assert r["padded"] == 512  # resharded across a vocabulary-padding change
+        if "tied_out_vs_emb" in r:  # B25
+            assert r["tied_out_vs_emb"] == 0.0 and r["tied_pad_rows_zero"], r
+    assert seen == {(k, tp, pp, s) for k in KINDS for tp, pp in ((2, 1), (1, 2)) for s in ("ckpt", "hf")}
+    tied_checked = {r["kind"] for r in recs if "tied_out_vs_emb" in r}
+    assert tied_checked == {"qwen3_tied", "qwen2_bias_bin"}
+
+
+def test_export_of_tp2_checkpoint_via_cli(work, parallel):
+    out = work / "export_tp2"
+    s = _summary(_cli("export", "--ckpt", work / "ckpt_tp2" / KINDS[0], "--out", out, "--no-progress"))
+    meta = json.loads((work / "ckpt_tp2" / KINDS[0] / "iter_0000005" / "eaopd_checkpoint.json").read_text())
+    assert meta["saved_with"]["tp"] == 2 and meta["iteration"] == 5 and meta["padded_vocab_size"] == 512
+    assert s["dtype"] == "float32"
+    src, dst = _load_st(work / "hf" / KINDS[0]), _load_st(out)
+    assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
+
+
+def test_export_bf16_and_atomic_layout(work, roundtrip, tmp_path):
+    from megatron_eaopd.checkpoint import read_checkpoint_metadata
+
+    meta = read_checkpoint_metadata(work / "ckpt" / "qwen3_untied")
+    assert meta["dtype"] == "float32" and meta["true_vocab_size"] == 300 and meta["architecture"] == "Qwen3ForCausalLM"
+    assert (Path(meta["hf_assets"]) / "config.json").is_file()
+    root = work / "ckpt" / "qwen3_untied"
+    assert (root / "latest").read_text().strip() == "iter_0000000"
+    assert not list(root.glob(".*tmp"))  # no half-written folders left behind
+    s = _summary(_cli("export", "--ckpt", root, "--out", tmp_path / "bf16", "--dtype", "bf16", "--verify", "--no-progress"))
+    assert s["verify"]["passed"]
+    st = _load_st(tmp_path / "bf16")
+    assert all(t.dtype == torch.bfloat16 for t in st.values())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_cli_errors(work, tmp_path):
+    p = _cli("export", "--ckpt", work / "hf" / "qwen3_tied", "--out", tmp_path / "x")
+    assert p.returncode == 1 and "Hugging Face model folder, not a Megatron checkpoint" in p.stderr and "convert_hf.py import" in p.stderr
+    fake = tmp_path / "ckpt"
+    (fake / "iter_0000003").mkdir(parents=True)
+    (fake / "latest").write_text("iter_0000003\n")
+    p = _cli("import", "--hf", fake, "--out", tmp_path / "y")
+    assert p.returncode == 1 and "is a Megatron checkpoint" in p.stderr and "convert_hf.py export" in p.stderr
+
+
+def test_error_messages(work, tmp_path):
+    from megatron_eaopd.checkpoint import resolve_checkpoint
+    from megatron_eaopd.models.convert import HFTensorReader
+    from megatron_eaopd.models.hf import hf_to_gpt_args, inspect_hf_dir, parse_dtype
+    from megatron_eaopd.models.mapping import MappingSpec, to_megatron
+
+    # missing shard
+    d = tmp_path / "partial"
+    shutil.copytree(work / "hf" / "qwen3_tied", d)
+    (d / "model-00002-of-00005.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of 5 weight shards .* missing: model-00002-of-00005.safetensors"):
+        inspect_hf_dir(d)
+    # untied model whose lm_head is absent (B23)
+    d = tmp_path / "nohead"
+    shutil.copytree(work / "hf" / "qwen3_untied", d)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["lm_head.weight"]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    spec = MappingSpec.from_args(hf_to_gpt_args(d), 384)
+    with pytest.raises(KeyError, match="'lm_head.weight' is missing"):
+        to_megatron("output_layer.weight", HFTensorReader(d).get, spec)
+    # shape mismatch: config says 4 KV heads, weights have 2
+    d = tmp_path / "shape"
+    shutil.copytree(work / "hf" / "qwen3_untied", d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4
+    (d / "config.json").write_text(json.dumps(cfg))
+    spec = MappingSpec.from_args(hf_to_gpt_args(d), 384)
+    with pytest.raises(ValueError, match=r"shape mismatch for model.layers.0.self_attn.k_proj.weight: checkpoint has \(32, 64\), config.json implies \(64, 64\)"):
+        to_megatron("decoder.layers.0.self_attention.linear_qkv.weight", HFTensorReader(d).get, spec)
+    # unsupported architecture
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(NotImplementedError, match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: Qwen3ForCausalLM, Qwen2ForCausalLM, LlamaForCausalLM"):
+        hf_to_gpt_args(d)
+    # no weights / not a checkpoint / foreign checkpoint / bad dtype
+    with pytest.raises(FileNotFoundError, match="no model weights"):
+        inspect_hf_dir(d)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint"):
+        resolve_checkpoint(tmp_path / "shape" / "..")
+    foreign = tmp_path / "mlm"
+    foreign.mkdir()
+    (foreign / "latest_checkpointed_iteration.txt").write_text("10")
+    with pytest.raises(FileNotFoundError, match="from another tool"):
+        resolve_checkpoint(foreign)
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'; use one of bf16, fp16, fp32"):
+        parse_dtype("fp8")
+
+
+# ------------------------------------------------------------------ real model (slow)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    from megatron_eaopd.models.gguf import default_cache_dir, prepare_smollm2
+
+    hf = prepare_smollm2(default_cache_dir())
+    ckpt = tmp_path_factory.mktemp("smol") / "ckpt"
+    s = _summary(_cli("import", "--hf", hf, "--out", ckpt, "--verify", "--no-progress", "--atol", "1e-3", timeout=600))
+    return hf, ckpt, s
+
+
+@pytest.mark.slow
+def test_smollm2_convert_verify_and_greedy(smollm2, torchrun):
+    hf, ckpt, s = smollm2
+    assert s["dtype"] == "float32" and s["verify"]["passed"] and s["verify"]["top1_agreement"] == 1.0
+    assert s["verify"]["max_abs_diff"] < 1e-3, s["verify"]
+    meta = json.loads((ckpt / "iter_0000000" / "eaopd_checkpoint.json").read_text())
+    assert meta["true_vocab_size"] == 49152 and meta["tied_embeddings"] and meta["eos_token_ids"][0] == 2
+    assert (ckpt / "iter_0000000" / "hf_assets" / "tokenizer.json").is_file()
+    res = torchrun("models_greedy.py", 1, str(hf), str(ckpt), "16")[0][0]
+    assert res["megatron_tokens"] == res["hf_tokens"], res
+    assert len(res["hf_tokens"]) == 16
