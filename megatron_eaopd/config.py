@@ -12,7 +12,7 @@ Errors never surface as raw pydantic output: :func:`load_config` raises :class:`
 message names the full key path and the allowed values, e.g.::
 
     config error at loss.mode: 'fulll' is not one of ['topk', 'full'] (did you mean 'full'?)
-    config error: unknown key 'optimizer.lrr' (allowed: name, lr, min_lr, ...); did you mean 'lr'?
+    config error: unknown key 'optimizer.lrr' (allowed: name, lr, min_lr, ...); did you mean 'optimizer.lr'?
 
 Checks that need the process layout (``tp * pp`` divides the world size, the mini-batch divides
 ``micro_batch_size x DP``, sequence parallel only on GPU) live in :meth:`Config.resolve_runtime`,
@@ -557,7 +557,7 @@ def format_validation_error(err: ValidationError, model_cls: type[BaseModel] = N
             and to list the allowed keys / literal values.
     Returns:
         Lines such as ``config error at loss.mode: 'fulll' is not one of ['topk', 'full']`` or
-        ``config error: unknown key 'optimizer.lrr' (allowed: ...); did you mean 'lr'?``.
+        ``config error: unknown key 'optimizer.lrr' (allowed: ...); did you mean 'optimizer.lr'?``.
     """
     model_cls = model_cls or Config
     lines: list[str] = []

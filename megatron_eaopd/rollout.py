@@ -89,6 +89,15 @@ class RolloutParams:
             raise ValueError(f"max_new_tokens and n must be >= 1, got {self.max_new_tokens}, {self.n}")
         object.__setattr__(self, "eos_ids", tuple(int(i) for i in self.eos_ids))
 
+    @classmethod
+    def from_config(cls, rollout_cfg, eos_ids: Sequence[int] = (), return_log_probs: bool = True) -> "RolloutParams":
+        """From the ``rollout`` section of :class:`megatron_eaopd.config.Config` (duck-typed:
+        ``temperature``, ``top_p``, ``max_new_tokens``, ``n``, ``seed``)."""
+        return cls(
+            temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, max_new_tokens=rollout_cfg.max_new_tokens,
+            n=rollout_cfg.n, seed=rollout_cfg.seed, eos_ids=tuple(eos_ids), return_log_probs=return_log_probs,
+        )
+
 
 @dataclass
 class RolloutBatch:
@@ -353,6 +362,14 @@ class Rollout:
         self.calls = 0  # number of generate() calls so far (the default call index)
         self._static = None  # (engine, controller, max_batch, max_seq, eod)
         self._dynamic = None  # (engine, controller, max_seq, eod)
+
+    @classmethod
+    def from_config(cls, model, tokenizer, rollout_cfg) -> "Rollout":
+        """From the ``rollout`` section of the config (``engine``, ``max_batch_size``, ``kv_buffer_gb``)."""
+        return cls(
+            model, tokenizer, engine=rollout_cfg.engine, max_batch_size=rollout_cfg.max_batch_size,
+            dynamic_buffer_size_gb=rollout_cfg.kv_buffer_gb,
+        )
 
     # ---- engine construction -------------------------------------------------------------
     def _tokenizer(self, eod: int) -> MegatronTokenizer:

@@ -76,6 +76,10 @@ def test_params_seed_and_tokenizer_adaptor():
         RolloutParams(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         RolloutParams(temperature=0.0)
+    from megatron_eaopd.config import RolloutConfig
+
+    rp = RolloutParams.from_config(RolloutConfig(n=4, max_new_tokens=32, top_p=0.9), eos_ids=[2])
+    assert (rp.n, rp.max_new_tokens, rp.top_p, rp.temperature, rp.eos_ids) == (4, 32, 0.9, 1.0, (2,))
     assert sampling_seed(7, 0) == 7 and sampling_seed(7, 1) != sampling_seed(7, 0)
     assert sampling_seed(7, 1, dp_rank=1) != sampling_seed(7, 1, dp_rank=0)
 
