@@ -231,10 +231,8 @@ def hf_names_for(name: str, spec: MappingSpec) -> list[str]:
 def hf_keys(spec: MappingSpec) -> list[str]:
     """The HF tensor names a model with ``spec`` has (tied: no ``lm_head.weight``), in HF order."""
     out: list[str] = []
-    for n in megatron_names(spec):
+    for n in megatron_names(spec):  # tied: megatron_names has no output_layer, so no lm_head
         out += hf_names_for(n, spec)
-    if spec.tied:
-        return out
     return out
 
 
