@@ -313,9 +313,11 @@ class PromptDataset:
         self.max_prompt_tokens = max_prompt_tokens
 
     def __len__(self) -> int:
+        """Number of kept prompts (int)."""
         return len(self.records)
 
     def __getitem__(self, i: int) -> PromptRecord:
+        """The i-th kept PromptRecord (source order). Raises IndexError."""
         return self.records[i]
 
 
@@ -381,6 +383,7 @@ class PromptLoader:
         return [self.dataset[int(i)] for i in idx]
 
     def __iter__(self) -> Iterator[list[PromptRecord]]:
+        """Yield batches from the current position until ``num_epochs`` is exhausted."""
         while True:
             try:
                 yield self.next_batch()
