@@ -79,10 +79,6 @@ def main():
     from megatron_eaopd.rollout import Rollout, RolloutParams
 
     env = init_distributed()
-    if not torch.cuda.is_available():
-        # WORKAROUND (reported): platform.py maps torch.cuda.manual_seed_all -> torch.manual_seed,
-        # which itself calls torch.cuda.manual_seed_all: infinite recursion on torch 2.13.
-        torch.cuda.manual_seed_all = lambda seed: None
     init_model_parallel(tp=env.world_size, pp=1)
     seed_everything(1234)
     engine = sys.argv[1] if len(sys.argv) > 1 else "static"
