@@ -175,7 +175,7 @@ def teacher_signals(
     _check_same_shards(sh, teacher_logits)
     _check_target(target_ids, true_v)
     with torch.no_grad():
-        _, log_s, ent, gathered, (tv, ti) = _stats_forward(
+        _, log_s, ent, gathered, (tv, ti), _ = _stats_forward(
             sh, _rows(teacher_logits), target_ids.reshape(-1, 1).long(), "teacher_logits", topk=cfg.top_k,
             shape=tuple(teacher_logits.shape),
         )

@@ -11,7 +11,8 @@ Conventions shared by every function here:
 * fp32 accumulation whatever the input dtype (bf16 in: sums over 151,936 entries stay exact to fp32);
 * the caller's logits are never modified (each chunk is upcast into a fresh fp32 buffer);
 * leading dimensions are flattened and processed in chunks of tokens, so no fp32 copy of
-  ``[N, V_local]`` exists beyond one chunk (see :data:`CHUNK_BYTES`);
+  ``[N, V_local]`` exists beyond one chunk (see :data:`CHUNK_BYTES`); a chunk holding -inf logits is
+  recomputed on a clamped "safe" path (detected from its all-reduced sums: one host sync per call);
 * ``vocab_size=`` (the tokenizer's true vocabulary) gives padded rows (global id >= vocab_size)
   zero probability everywhere; ``-inf`` logits are allowed (zero probability, finite gradients);
 * ``temperature=T`` divides the logits before any softmax (gradients carry the 1/T factor);
@@ -48,7 +49,10 @@ __all__ = [
 ]
 
 #: Upper bound in bytes for one fp32 working buffer of ``[chunk, V_local]``; a pass keeps 2-5 of them.
-CHUNK_BYTES = 128 * 2**20
+#: On CUDA the caching allocator recycles them; on CPU, buffers above glibc's mmap threshold (32 MiB at
+#: most) are mapped and page-faulted afresh for every chunk, which costs more than the arithmetic, so
+#: CPU chunks stay below it.
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 8 * 2**20}
 
 #: Stand-in for -inf inside the fp32 working buffers: exp() gives exactly 0, and 0 * FILL == 0 (no NaN).
 _FILL = -1e30
@@ -113,7 +117,10 @@ def _shard(logits: torch.Tensor, group, vocab_size, temperature, chunk_size, nam
     start = rank * v_local
     n_valid = max(0, min(v_local, vocab_size - start))
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_BYTES // (4 * v_local))
+        budget = CHUNK_BYTES.get(logits.device.type, CHUNK_BYTES["cuda"])
+        chunk_size = max(1, budget // (4 * v_local))
+    elif not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer (tokens per chunk), got {chunk_size!r}")
     return _Shard(group, rank, world, v_local, start, n_valid, float(temperature), int(chunk_size))
 
 
@@ -135,12 +142,33 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _load_chunk(sh: _Shard, x: torch.Tensor) -> torch.Tensor:
-    """fp32 copy of a ``[n, V_local]`` chunk, divided by T, -inf -> FILL, padded columns -> FILL."""
-    z = x.to(torch.float32, copy=True)
-    if sh.temperature != 1.0:
-        z.div_(sh.temperature)
-    z.clamp_(min=_FILL)  # NaN and +inf pass through and are caught by _check_max
+def _local_max(sh: _Shard, x: torch.Tensor) -> torch.Tensor:
+    """fp32 row max of ``x / T`` over this shard's real vocabulary columns (-inf if it has none)."""
+    if sh.n_valid == 0:
+        return torch.full((x.shape[0],), float("-inf"), dtype=torch.float32, device=x.device)
+    xv = x if sh.n_valid == sh.v_local else x[:, : sh.n_valid]
+    m = xv.amax(dim=-1).float()
+    return m.div_(sh.temperature) if sh.temperature != 1.0 else m
+
+
+def _shifted(sh: _Shard, x: torch.Tensor, shift: torch.Tensor, safe: bool, out: torch.Tensor | None = None):
+    """fp32 ``x / T - shift[:, None]`` for a ``[n, V_local]`` chunk, in a new buffer (or ``out``).
+
+    The fast path is a single fused pass (bf16 promotes to fp32 through the fp32 ``shift``). ``safe``
+    first clamps -inf logits to the finite ``_FILL``, so that products like ``0 * z`` stay 0 instead of
+    NaN; it is used only for chunks that hold -inf logits. Padded columns are set to ``_FILL``.
+    """
+    if safe or sh.temperature != 1.0:
+        z = x.to(torch.float32, copy=True) if out is None else out.copy_(x)
+        if sh.temperature != 1.0:
+            z.div_(sh.temperature)
+        if safe:
+            z.clamp_(min=_FILL)
+        z.sub_(shift.unsqueeze(1))
+    else:
+        z = torch.sub(x, shift.unsqueeze(1), out=out) if out is not None else torch.sub(x, shift.unsqueeze(1))
+        if z.dtype != torch.float32:  # fp16/fp64 inputs
+            z = z.float()
     if sh.n_valid < sh.v_local:
         z[:, sh.n_valid:] = _FILL
     return z
@@ -168,11 +196,6 @@ def _raise_bad(bad: list, name: str, sh: _Shard, shape) -> None:
     )
 
 
-def _global_max(sh: _Shard, z: torch.Tensor) -> torch.Tensor:
-    m = z.amax(dim=-1)
-    return sh.all_reduce(m, dist.ReduceOp.MAX)
-
-
 def _local_ids(sh: _Shard, ids: torch.Tensor):
     local = ids - sh.start
     own = (local >= 0) & (local < sh.v_local)
@@ -188,15 +211,34 @@ def _check_ids(sh: _Shard, ids: torch.Tensor, vocab_size_eff: int) -> None:
         )
 
 
+def _chunks(sh: _Shard, n_rows: int):
+    return [(r0, min(n_rows, r0 + sh.chunk)) for r0 in range(0, n_rows, sh.chunk)]
+
+
+def _two_phase(sh: _Shard, n_rows: int, run_chunk) -> list[bool]:
+    """Run ``run_chunk(r0, r1, safe) -> nan_flag`` on every chunk on the fast path, then (after one host
+    sync) rerun the chunks whose all-reduced sums came out NaN on the safe path (-inf logits there).
+    The flag comes from all-reduced values, so every TP rank takes the same decision (same collectives).
+    Returns the per-chunk ``safe`` flags (backward reuses them)."""
+    chunks = _chunks(sh, n_rows)
+    flags = [run_chunk(r0, r1, False) for r0, r1 in chunks]
+    redo = torch.stack(flags).tolist() if flags else []
+    for (r0, r1), again in zip(chunks, redo):
+        if again:
+            run_chunk(r0, r1, True)
+    return redo
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared forward pass: global max, log-sum-exp, entropy and logits at ids, chunked
 # ----------------------------------------------------------------------------------------------
 def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: str, topk: int = 0, shape=None):
     """One chunked pass over ``x [N, V_local]``.
 
-    Returns fp32 ``m [N]`` (global max), ``log_s [N]`` (log sum exp(z - m)), ``ent [N]`` (nats),
-    ``gathered [N, k]`` (z - m at global ids, or None), and (if topk) ``(top_vals, top_ids)`` of
-    z - m, each ``[N, topk]``.
+    Returns fp32 ``m [N]`` (global max of z = x/T), ``log_s [N]`` (log sum exp(z - m)), ``ent [N]``
+    (nats), ``gathered [N, k]`` (z - m at global ids, or None), ``(top_vals, top_ids)`` of z - m
+    (each ``[N, topk]``, or None) and the per-chunk safe-path flags.
+    Per chunk: one MAX all-reduce ``[n]`` and one SUM all-reduce ``[n, 2 + k]``.
     """
     n_rows = x.shape[0]
     dev = x.device
@@ -208,30 +250,17 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
     top_v = torch.empty(n_rows, topk, dtype=torch.float32, device=dev) if topk else None
     top_i = torch.empty(n_rows, topk, dtype=torch.int64, device=dev) if topk else None
     bad: list = []
-    for r0 in range(0, n_rows, sh.chunk):
-        r1 = min(n_rows, r0 + sh.chunk)
-        z = _load_chunk(sh, x[r0:r1])
-        m = _global_max(sh, z)
-        _check_max(m, bad)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # keep the pass NaN-free; error raised below
-        z.sub_(m.unsqueeze(1))
-        # sums use torch's cascade summation (a BLAS dot over 151,936 fp32 terms loses ~2e-4 relative)
-        e = torch.exp(z)
-        parts = [e.sum(dim=-1, keepdim=True), e.mul_(z).sum(dim=-1, keepdim=True)]
-        del e
-        if k:
-            loc, own = _local_ids(sh, ids[r0:r1])
-            parts.append(torch.where(own, z.gather(1, loc), torch.zeros((), device=dev)))
-        red = sh.all_reduce(torch.cat(parts, dim=1))
-        s = red[:, 0]
-        m_all[r0:r1] = m
-        log_s[r0:r1] = torch.log(s)
-        ent[r0:r1] = torch.log(s) - red[:, 1] / s
-        if k:
-            gathered[r0:r1] = red[:, 2:]
+    zero = torch.zeros((), device=dev)
+
+    def run_chunk(r0, r1, safe):
+        xc = x[r0:r1]
+        m = sh.all_reduce(_local_max(sh, xc), dist.ReduceOp.MAX)
+        if not safe:
+            _check_max(m, bad)
+        m = torch.where(torch.isfinite(m), m, zero)  # keep the pass NaN-free; the error is raised below
+        z = _shifted(sh, xc, m, safe)
         if topk:
-            kk = min(topk, sh.v_local)
-            v, i = z.topk(kk, dim=-1)
+            v, i = z.topk(min(topk, sh.v_local), dim=-1)
             i = i + sh.start
             if sh.world > 1:
                 vs = [torch.empty_like(v) for _ in range(sh.world)]
@@ -242,9 +271,36 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
             v2, j = v.topk(topk, dim=-1)
             top_v[r0:r1] = v2
             top_i[r0:r1] = i.gather(1, j)
-        del z
+        parts = []
+        if k:
+            loc, own = _local_ids(sh, ids[r0:r1])
+            parts.append(torch.where(own, z.gather(1, loc), zero))
+        # in-place product, then torch's cascade sum (a BLAS dot over 151,936 fp32 terms loses ~2e-4)
+        e = torch.exp(z)
+        parts = [e.sum(dim=-1, keepdim=True), z.mul_(e).sum(dim=-1, keepdim=True)] + parts
+        del e, z
+        red = sh.all_reduce(torch.cat(parts, dim=1))
+        s = red[:, 0]
+        m_all[r0:r1] = m
+        log_s[r0:r1] = torch.log(s)
+        ent[r0:r1] = log_s[r0:r1] - red[:, 1] / s
+        if k:
+            gathered[r0:r1] = red[:, 2:]
+        return torch.isnan(red[:, 1]).any()
+
+    safe = _two_phase(sh, n_rows, run_chunk)
     _raise_bad(bad, name, sh, shape if shape is not None else x.shape)
-    return m_all, log_s, ent, gathered, (top_v, top_i)
+    return m_all, log_s, ent, gathered, (top_v, top_i), safe
+
+
+def _write_grad(grad: torch.Tensor, r0: int, r1: int, g: torch.Tensor) -> None:
+    if g.data_ptr() != grad[r0:r1].data_ptr():
+        grad[r0:r1] = g
+
+
+def _grad_buffer(sh: _Shard, x: torch.Tensor, grad: torch.Tensor, r0: int, r1: int, safe: bool):
+    """Where a chunk's fp32 gradient is built: directly in ``grad`` when it is fp32, else a temporary."""
+    return grad[r0:r1] if grad.dtype == torch.float32 and not safe else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,44 +314,46 @@ class _LogProbsEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ids, sh: _Shard, shape):
-        m, log_s, ent, gathered, _ = _stats_forward(sh, x, ids, "logits", shape=shape)
+        m, log_s, ent, gathered, _, safe = _stats_forward(sh, x, ids, "logits", shape=shape)
         logp = gathered - log_s.unsqueeze(1) if gathered is not None else None
-        ctx.save_for_backward(x, ids, m, log_s, ent)
-        ctx.sh = sh
+        ctx.save_for_backward(x, ids, m + log_s, ent)
+        ctx.sh, ctx.safe = sh, safe
+        ctx.set_materialize_grads(False)
         if logp is None:
             logp = torch.empty(x.shape[0], 0, dtype=torch.float32, device=x.device)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        x, ids, m, log_s, ent = ctx.saved_tensors
+        x, ids, lse, ent = ctx.saved_tensors
         sh: _Shard = ctx.sh
         grad = torch.empty_like(x)
         has_lp = g_logp is not None and g_logp.numel() > 0
         has_h = g_ent is not None
-        for r0 in range(0, x.shape[0], sh.chunk):
-            r1 = min(x.shape[0], r0 + sh.chunk)
-            lp = _load_chunk(sh, x[r0:r1])
-            lp.sub_((m[r0:r1] + log_s[r0:r1]).unsqueeze(1))  # log p
-            p = torch.exp(lp)
-            coef = torch.zeros(r1 - r0, 1, dtype=torch.float32, device=x.device)
+        dev = x.device
+        for (r0, r1), safe in zip(_chunks(sh, x.shape[0]), ctx.safe):
+            safe = safe or has_h  # the entropy term multiplies log p: keep -inf out of it
+            coef = torch.zeros(r1 - r0, 1, dtype=torch.float32, device=dev)
             if has_lp:
-                coef = coef - g_logp[r0:r1].float().sum(dim=1, keepdim=True)
+                coef -= g_logp[r0:r1].float().sum(dim=1, keepdim=True)
             if has_h:
+                lp = _shifted(sh, x[r0:r1], lse[r0:r1], True)  # log p
+                p = torch.exp(lp)
                 gh = g_ent[r0:r1].float().unsqueeze(1)
-                # -gh * p * (log p + H) - p * sum(g)  ==  p * (coef - gh * (log p + H))
-                lp.add_(ent[r0:r1].unsqueeze(1)).mul_(-gh).add_(coef)
-                g = lp.mul_(p)
+                # p * (coef - gh * (log p + H))
+                g = lp.add_(ent[r0:r1].unsqueeze(1)).mul_(-gh).add_(coef).mul_(p)
+                del p
             else:
-                g = p.mul_(coef)
+                g = _shifted(sh, x[r0:r1], lse[r0:r1], safe, out=_grad_buffer(sh, x, grad, r0, r1, safe))
+                g.exp_().mul_(coef)  # -p * sum_k g_k
             if has_lp:
                 loc, own = _local_ids(sh, ids[r0:r1])
-                g.scatter_add_(1, loc, torch.where(own, g_logp[r0:r1].float(), torch.zeros((), device=x.device)))
+                g.scatter_add_(1, loc, torch.where(own, g_logp[r0:r1].float(), torch.zeros((), device=dev)))
             if sh.n_valid < sh.v_local:
                 g[:, sh.n_valid:] = 0.0
             if sh.temperature != 1.0:
                 g.div_(sh.temperature)
-            grad[r0:r1] = g
+            _write_grad(grad, r0, r1, g)
         return grad, None, None, None
 
 
@@ -309,38 +367,39 @@ class _KLPair(torch.autograd.Function):
       w.r.t. p-logits: dKL(p||q) = p (log p - log q - KL(p||q));  dKL(q||p) = p - q;
                        dH(p) = -p (log p + H(p))
       w.r.t. q-logits: dKL(p||q) = q - p;  dKL(q||p) = q (log q - log p - KL(q||p))
+    Per chunk: one MAX all-reduce ``[2, n]`` and one SUM all-reduce ``[n, 5 + k]``.
     """
 
     @staticmethod
     def forward(ctx, xp, xq, ids, sh: _Shard, shape):
         n_rows, dev = xp.shape[0], xp.device
-        out = torch.empty(5, n_rows, dtype=torch.float32, device=dev)  # kl_pq, kl_qp, h_p, mp+log_sp, mq+log_sq
+        # rows: kl_pq, kl_qp, h_p, lse_p, lse_q
+        out = torch.empty(5, n_rows, dtype=torch.float32, device=dev)
         k = 0 if ids is None else ids.shape[1]
         logp_ids = torch.empty(n_rows, k, dtype=torch.float32, device=dev)
         bad_p: list = []
         bad_q: list = []
-        for r0 in range(0, n_rows, sh.chunk):
-            r1 = min(n_rows, r0 + sh.chunk)
-            zp = _load_chunk(sh, xp[r0:r1])
-            zq = _load_chunk(sh, xq[r0:r1])
-            m = sh.all_reduce(torch.stack([zp.amax(-1), zq.amax(-1)]), dist.ReduceOp.MAX)
-            _check_max(m[0], bad_p)
-            _check_max(m[1], bad_q)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            zp.sub_(m[0].unsqueeze(1))
-            zq.sub_(m[1].unsqueeze(1))
-            ep, eq = torch.exp(zp), torch.exp(zq)
+        zero = torch.zeros((), device=dev)
+
+        def run_chunk(r0, r1, safe):
+            m = sh.all_reduce(torch.stack([_local_max(sh, xp[r0:r1]), _local_max(sh, xq[r0:r1])]), dist.ReduceOp.MAX)
+            if not safe:
+                _check_max(m[0], bad_p)
+                _check_max(m[1], bad_q)
+            m = torch.where(torch.isfinite(m), m, zero)
+            zp = _shifted(sh, xp[r0:r1], m[0], safe)
+            zq = _shifted(sh, xq[r0:r1], m[1], safe)
             gathered = None
             if k:
                 loc, own = _local_ids(sh, ids[r0:r1])
-                gathered = torch.where(own, zp.gather(1, loc), torch.zeros((), device=dev))
-            d = zp - zq
+                gathered = torch.where(own, zp.gather(1, loc), zero)
+            ep, eq = torch.exp(zp), torch.exp(zq)
+            sums = [ep.sum(-1), eq.sum(-1)]
+            d = torch.sub(zp, zq, out=zq)  # z_p - z_q, reusing z_q's buffer
             # in-place products, then torch's cascade sums (accurate over 151,936 fp32 terms)
-            parts = [ep.sum(-1), eq.sum(-1), zp.mul_(ep).sum(-1), ep.mul_(d).sum(-1), eq.mul_(d).sum(-1)]
-            del ep, eq, d
-            parts = [t.unsqueeze(1) for t in parts]
-            if k:
-                parts.append(gathered)
+            sums += [zp.mul_(ep).sum(-1), ep.mul_(d).sum(-1), eq.mul_(d).sum(-1)]
+            del ep, eq, d, zp, zq
+            parts = [t.unsqueeze(1) for t in sums] + ([gathered] if k else [])
             red = sh.all_reduce(torch.cat(parts, dim=1))
             sp, sq, b_p, a_p, a_q = (red[:, i] for i in range(5))
             lsp, lsq = torch.log(sp), torch.log(sq)
@@ -351,12 +410,15 @@ class _KLPair(torch.autograd.Function):
             out[4, r0:r1] = m[1] + lsq
             if k:
                 logp_ids[r0:r1] = red[:, 5:] - lsp.unsqueeze(1)
-            del zp, zq
+            return torch.isnan(red[:, 2:5]).any()
+
+        safe = _two_phase(sh, n_rows, run_chunk)
         _raise_bad(bad_p, "p_logits", sh, shape)
         _raise_bad(bad_q, "q_logits", sh, shape)
         # an infinite KL (p > 0 where q = 0) has no usable gradient; keep backward NaN-free for masked rows
         ctx.save_for_backward(xp, xq, torch.nan_to_num(out, posinf=0.0, neginf=0.0))
-        ctx.sh = sh
+        ctx.sh, ctx.safe = sh, safe
+        ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(logp_ids)
         return out[0].clone(), out[1].clone(), out[2].clone(), logp_ids
 
@@ -367,39 +429,38 @@ class _KLPair(torch.autograd.Function):
         need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_p = torch.empty_like(xp) if need_p else None
         grad_q = torch.empty_like(xq) if need_q else None
-        n_rows, dev = xp.shape[0], xp.device
+        dev = xp.device
 
         def col(g, r0, r1):
             if g is None:
                 return torch.zeros(r1 - r0, 1, dtype=torch.float32, device=dev)
             return g[r0:r1].float().unsqueeze(1)
 
-        for r0 in range(0, n_rows, sh.chunk):
-            r1 = min(n_rows, r0 + sh.chunk)
+        for (r0, r1), safe in zip(_chunks(sh, xp.shape[0]), ctx.safe):
             a, b, c = col(g_pq, r0, r1), col(g_qp, r0, r1), col(g_h, r0, r1)
-            lp = _load_chunk(sh, xp[r0:r1]).sub_(out[3, r0:r1].unsqueeze(1))
-            lq = _load_chunk(sh, xq[r0:r1]).sub_(out[4, r0:r1].unsqueeze(1))
+            kl_pq, kl_qp, h_p = (out[i, r0:r1].unsqueeze(1) for i in range(3))
+            lp = _shifted(sh, xp[r0:r1], out[3, r0:r1], safe)  # log p
+            lq = _shifted(sh, xq[r0:r1], out[4, r0:r1], safe)  # log q
             p, q = torch.exp(lp), torch.exp(lq)
             if need_p:
-                # p * (a (lp - lq - KLpq) - c (lp + H)) + b (p - q)
-                t = (lp - lq).sub_(out[0, r0:r1].unsqueeze(1)).mul_(a)
-                t.sub_((lp + out[2, r0:r1].unsqueeze(1)).mul_(c)).mul_(p)
-                t.add_((p - q).mul_(b))
+                # p * [(a - c) log p - a log q + (b - a KL_pq - c H)] - b q
+                t = torch.mul(lp, a - c, out=_grad_buffer(sh, xp, grad_p, r0, r1, safe))
+                t.addcmul_(lq, -a).add_(b - a * kl_pq - c * h_p).mul_(p).addcmul_(q, -b)
                 if sh.n_valid < sh.v_local:
                     t[:, sh.n_valid:] = 0.0
                 if sh.temperature != 1.0:
                     t.div_(sh.temperature)
-                grad_p[r0:r1] = t
+                _write_grad(grad_p, r0, r1, t)
                 del t
             if need_q:
-                # a (q - p) + b q (lq - lp - KLqp)
-                t = (lq - lp).sub_(out[1, r0:r1].unsqueeze(1)).mul_(q).mul_(b)
-                t.add_((q - p).mul_(a))
+                # q * [b log q - b log p + (a - b KL_qp)] - a p
+                t = torch.mul(lq, b, out=_grad_buffer(sh, xq, grad_q, r0, r1, safe))
+                t.addcmul_(lp, -b).add_(a - b * kl_qp).mul_(q).addcmul_(p, -a)
                 if sh.n_valid < sh.v_local:
                     t[:, sh.n_valid:] = 0.0
                 if sh.temperature != 1.0:
                     t.div_(sh.temperature)
-                grad_q[r0:r1] = t
+                _write_grad(grad_q, r0, r1, t)
                 del t
         return grad_p, grad_q, None, None, None
 
@@ -429,7 +490,7 @@ def vocab_parallel_log_softmax_stats(
     sh = _shard(logits, group, vocab_size, temperature, chunk_size)
     _check_same_shards(sh, logits)
     with torch.no_grad():
-        m, log_s, _, _, _ = _stats_forward(sh, _rows(logits), None, "logits", shape=tuple(logits.shape))
+        m, log_s, *_ = _stats_forward(sh, _rows(logits), None, "logits", shape=tuple(logits.shape))
     lead = logits.shape[:-1]
     return m.view(lead), (m + log_s).view(lead)
 
@@ -533,7 +594,7 @@ def vocab_parallel_topk(
         raise ValueError(f"k must be an integer in [1, vocab_size={true_v}], got {k!r}")
     _check_same_shards(sh, logits)
     with torch.no_grad():
-        _, log_s, _, _, (tv, ti) = _stats_forward(sh, _rows(logits), None, "logits", topk=k, shape=tuple(logits.shape))
+        _, log_s, _, _, (tv, ti), _ = _stats_forward(sh, _rows(logits), None, "logits", topk=k, shape=tuple(logits.shape))
     lead = logits.shape[:-1]
     return (tv - log_s.unsqueeze(1)).view(*lead, k), ti.view(*lead, k)
 
