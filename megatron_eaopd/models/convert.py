@@ -7,7 +7,7 @@
 * :func:`load_hf_weights` — fill built model chunks straight from an HF folder at any TP/PP.
 * :func:`verify_logits` — compare a Megatron model's logits with an HF folder's on a fixed prompt.
 
-Memory: weights are read tensor by tensor (safetensors ``safe_open`` / mmapped ``torch.load``), so
+Memory: weights are read tensor by tensor (safetensors by plain reads, ``.bin`` mmapped), so
 a conversion holds about one copy of the weights (the model) plus one output shard.
 
 Source: the flow follows Megatron-Bridge ``AutoBridge.import_ckpt`` / ``export_ckpt``; the mapping
@@ -55,8 +55,45 @@ def parse_size(s: str | int) -> int:
         raise ValueError(f"cannot parse size {s!r}; use e.g. 2GB, 500MB or a byte count") from None
 
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """Reads single tensors from a ``.safetensors`` file with plain ``readinto`` (no mmap), so
+    reading a tensor costs exactly its own size in memory (the format: 8-byte little-endian header
+    length, JSON header of ``{name: {dtype, shape, data_offsets}}``, then the data)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            self.header = json.loads(fh.read(n))
+        self.base = 8 + n
+        self.header.pop("__metadata__", None)
+
+    def keys(self):
+        return list(self.header)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        h = self.header[name]
+        if h["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {h['dtype']}")
+        start, end = h["data_offsets"]
+        buf = bytearray(end - start)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.base + start)
+            if fh.readinto(buf) != len(buf):
+                raise ValueError(f"{self.path} is truncated (tensor {name}); re-download the file")
+        if not buf:
+            return torch.empty(h["shape"], dtype=_ST_DTYPES[h["dtype"]])
+        return torch.frombuffer(buf, dtype=_ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+
+
 class HFTensorReader:
-    """Lazy reader over an HF folder's weight files: tensors are read one at a time.
+    """Lazy reader over an HF folder's weight files: tensors are read one at a time (safetensors
+    without mmap; ``.bin`` mmapped, one file open at a time), so memory holds one tensor at a time.
 
     Args:
         files: from :func:`megatron_eaopd.models.hf.inspect_hf_dir` (or a folder path).
@@ -75,10 +112,10 @@ class HFTensorReader:
 
     def _handle(self, f: Path):
         if f not in self._open:
+            # keep one file open: mmapped pages count as resident memory until the file is closed
+            self._open.clear()
             if self.files.fmt == "safetensors":
-                from safetensors import safe_open
-
-                self._open[f] = safe_open(str(f), framework="pt", device="cpu")
+                self._open[f] = _SafetensorsFile(f)
             else:
                 self._open[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
         return self._open[f]
