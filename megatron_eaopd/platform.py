@@ -9,7 +9,8 @@ the *only* place in the package that knows a CPU is standing in for a GPU.
 this. On a CPU-only machine it installs, once per process:
 
 * ``torch.cuda.current_device`` -> ``"cpu"``; ``synchronize``/NVTX -> no-ops; a
-  ``perf_counter`` stand-in for ``torch.cuda.Event``;
+  ``perf_counter`` stand-in for ``torch.cuda.Event`` and a no-op ``current_stream()`` (megatron-core
+  0.19's DDP gradient sync waits on it);
 * the CUDA RNG state functions (and Megatron's ``_get/_set_cuda_rng_state``) -> the CPU
   generator, so ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` work;
 * a process-wide ``TorchFunctionMode`` that rewrites CUDA ``device=`` arguments, ``.cuda()``
@@ -96,6 +97,24 @@ class _HostEvent:
         return (other.t - self.t) * 1000.0
 
 
+class _HostStream:
+    """``torch.cuda.current_stream()`` stand-in: CPU work is synchronous, so waits are no-ops."""
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def record_event(self, event=None):
+        event = event or _HostEvent()
+        event.record()
+        return event
+
+
 def apply_cpu_compat() -> bool:
     """Patch this process so megatron-core runs on CPU (gloo). No-op when CUDA is available.
 
@@ -117,6 +136,7 @@ def apply_cpu_compat() -> bool:
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     torch.cuda.Event = _HostEvent
+    torch.cuda.current_stream = lambda *a, **k: _HostStream()
     torch.cuda.nvtx.range_push = lambda *a, **k: None
     torch.cuda.nvtx.range_pop = lambda *a, **k: None
     torch.cuda.nvtx.mark = lambda *a, **k: None

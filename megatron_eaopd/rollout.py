@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 __all__ = [
     "RolloutParams",
@@ -474,10 +475,18 @@ class Rollout:
             num_tokens_to_generate=int(params.max_new_tokens),
             return_log_probs=bool(params.return_log_probs),
         )
-        if self.engine_kind == "static":
-            responses, logprobs, stopped = self._run_static(rows, sp, max_batch, max_seq, eos_ids[0], seed)
-        else:
-            responses, logprobs, stopped = self._run_dynamic(rows, sp, max_batch, max_seq, eos_ids[0], seed)
+        from megatron.core.inference.utils import InferenceMode
+
+        # megatron-core's engines set a process-wide "inference active" flag (the static engine in its
+        # constructor) and never clear it; left on, the next training forward asserts. Scope it here.
+        InferenceMode.set_active()
+        try:
+            if self.engine_kind == "static":
+                responses, logprobs, stopped = self._run_static(rows, sp, max_batch, max_seq, eos_ids[0], seed)
+            else:
+                responses, logprobs, stopped = self._run_dynamic(rows, sp, max_batch, max_seq, eos_ids[0], seed)
+        finally:
+            InferenceMode.unset_active()
         decode = lambda ids: self.hf_tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         return assemble_batch(
             rows, responses, logprobs, stopped, eos_ids, params.max_new_tokens, pidx, decode=decode, seed=seed
@@ -627,3 +636,86 @@ class MegatronGenerator:
                     ))
                 out.append(group)
         return out
+
+
+@torch.no_grad()
+def sample_with_recompute(model_chunks, tokenizer, prompts: Sequence[Sequence[int]], params: RolloutParams,
+                          call_index: int = 0) -> RolloutBatch:
+    """Sample through any TP/PP layout without a KV cache (one full forward per new token).
+
+    The pipeline-parallel fallback for :class:`Rollout` (whose engines here are PP = 1): every step
+    runs the prefix through ``get_forward_backward_func`` (forward only), the last stage gathers the
+    vocab-parallel logits of each row's last position across TP, masks padded vocabulary rows,
+    applies temperature and top-p, samples with a seeded generator and broadcasts the tokens to the
+    other stages. Cost is O(S^2) per sequence: meant for PP > 1 on small models and tests, not for
+    production rollouts (use PP = 1 rollout layouts there).
+
+    Args:
+        model_chunks: the student's model chunks (DDP-wrapped or not) at the current TP/PP.
+        tokenizer: HF tokenizer (``eos_token_id`` fallback and decoding).
+        prompts, params, call_index: as in :meth:`Rollout.generate`.
+    Returns:
+        :class:`RolloutBatch` (no engine log-probs: ``logprob_mask`` all False).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_eaopd.pipeline import MicroBatch, forward_only
+
+    eos_ids = params.eos_ids or (int(tokenizer.eos_token_id),)
+    rows = [[int(t) for t in p] for p in prompts for _ in range(params.n)]
+    pidx = [i for i in range(len(prompts)) for _ in range(params.n)]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("sample_with_recompute needs at least one non-empty prompt")
+    model = model_chunks[0]
+    while hasattr(model, "module"):
+        model = model.module
+    true_v = getattr(model, "true_vocab_size", None)
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    b = len(rows)
+    cur = torch.tensor([len(r) for r in rows])
+    total = int(cur.max()) + params.max_new_tokens
+    tokens = torch.full((b, total), eos_ids[0], dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    gen = torch.Generator().manual_seed(sampling_seed(params.seed, call_index, _dp_rank()))
+    responses: list[list[int]] = [[] for _ in rows]
+    stopped = [False] * b
+    for _ in range(params.max_new_tokens):
+        s = int(cur.max())
+        mb = MicroBatch(0, slice(0, b), tokens[:, :s].to(dev), torch.arange(s).expand(b, s).contiguous().to(dev),
+                        tokens[:, 1: s + 1].to(dev), torch.zeros(b, s, dtype=torch.bool, device=dev))
+        nxt = torch.zeros(b, dtype=torch.long, device=dev)
+
+        def on_logits(mb_, logits):
+            last = logits[torch.arange(b, device=logits.device), (cur - 1).to(logits.device)].float()
+            full = gather_from_tensor_model_parallel_region(last) if ps.get_tensor_model_parallel_world_size() > 1 else last
+            if true_v is not None:
+                full[:, true_v:] = float("-inf")
+            probs = torch.softmax(full / params.temperature, dim=-1).cpu()
+            if params.top_p < 1.0:
+                sp, si = probs.sort(dim=-1, descending=True)
+                drop = sp.cumsum(-1) - sp > params.top_p
+                sp[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+            nxt.copy_(torch.multinomial(probs, 1, generator=gen)[:, 0].to(nxt.device))
+
+        forward_only(model_chunks, [mb], on_logits)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(nxt, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        nxt = nxt.cpu()
+        for i in range(b):
+            if stopped[i] or len(responses[i]) >= params.max_new_tokens:
+                continue
+            t = int(nxt[i])
+            if t in eos_ids:
+                stopped[i] = True
+                continue
+            responses[i].append(t)
+            tokens[i, int(cur[i])] = t
+            cur[i] += 1
+        if all(stopped[i] or len(responses[i]) >= params.max_new_tokens for i in range(b)):
+            break
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return assemble_batch(rows, responses, [None] * b, stopped, eos_ids, params.max_new_tokens, pidx, decode=decode,
+                          seed=sampling_seed(params.seed, call_index, _dp_rank()))

@@ -1,0 +1,130 @@
+"""Run logging on global rank 0: console progress bar and per-iteration table, JSONL, TensorBoard, W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from megatron_eaopd.distributed import is_rank0
+
+__all__ = ["MetricsLogger", "TABLE_COLUMNS", "format_table"]
+
+#: (metric key, column header, format) of the console table.
+TABLE_COLUMNS = (
+    ("iteration", "iter", "{:>5d}"),
+    ("loss", "loss", "{:>8.4f}"),
+    ("rkl_term", "rkl", "{:>8.4f}"),
+    ("fkl_term", "fkl", "{:>7.4f}"),
+    ("gate_fraction", "gate", "{:>6.3f}"),
+    ("teacher_entropy", "H_teach", "{:>7.3f}"),
+    ("student_entropy", "H_stud", "{:>7.3f}"),
+    ("response_length", "resp_len", "{:>8.1f}"),
+    ("rollout_accuracy", "acc", "{:>5.2f}"),
+    ("time_rollout", "t_roll", "{:>6.1f}"),
+    ("time_teacher", "t_teach", "{:>7.1f}"),
+    ("time_train", "t_train", "{:>7.1f}"),
+    ("tokens_per_second", "tok/s", "{:>7.1f}"),
+)
+
+
+def _cell(fmt: str, v) -> str:
+    width = int("".join(c for c in fmt.split(":")[1] if c.isdigit()).split(".")[0] or 6) if ":" in fmt else 6
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-".rjust(width)
+    try:
+        return fmt.format(int(v) if fmt.endswith("d}") else float(v))
+    except (TypeError, ValueError):
+        return str(v).rjust(width)
+
+
+def format_table(rows: list[dict]) -> str:
+    """The console table (header + one line per metrics dict), fixed-width columns."""
+    header = " ".join(_cell("{:>" + str(len(_cell(f, 0))) + "}", h) for _, h, f in TABLE_COLUMNS)
+    lines = [header]
+    for r in rows:
+        lines.append(" ".join(_cell(f, r.get(k)) for k, _, f in TABLE_COLUMNS))
+    return "\n".join(lines)
+
+
+class MetricsLogger:
+    """Writes one record per iteration; does nothing on ranks other than global rank 0.
+
+    Args:
+        run_dir: run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
+        total_iterations: length of the run (progress bar).
+        start_iteration: first iteration of this process (after a resume).
+        jsonl, tensorboard: sinks to enable. wandb_project: W&B project (needs ``wandb``), or None.
+        log_interval: print a table row every this many iterations.
+        progress: show a tqdm progress bar on stderr.
+    """
+
+    def __init__(self, run_dir: str | Path, total_iterations: int, start_iteration: int = 0, *, jsonl: bool = True,
+                 tensorboard: bool = True, wandb_project: str | None = None, log_interval: int = 1,
+                 progress: bool = True, config: dict | None = None):
+        self.enabled = is_rank0()
+        self.rows: list[dict] = []
+        self.log_interval = log_interval
+        self._printed = 0
+        if not self.enabled:
+            return
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a") if jsonl else None
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install wandb") from e
+            self.wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
+        self.bar = tqdm(total=total_iterations, initial=start_iteration, desc="EOPD", unit="it", dynamic_ncols=True,
+                        disable=not progress)
+
+    def log(self, iteration: int, metrics: dict) -> None:
+        """Record the metrics of one iteration (all values plain floats/ints)."""
+        if not self.enabled:
+            return
+        rec = {"iteration": iteration, "time": time.time(), **metrics}
+        self.rows.append(rec)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, iteration)
+            self.tb.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=iteration)
+        if iteration % self.log_interval == 0:
+            if self._printed % 20 == 0:
+                self.bar.write(format_table([]))
+            self.bar.write(format_table([rec]).splitlines()[1])
+            self._printed += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}")
+
+    def message(self, text: str) -> None:
+        """Print a line above the progress bar (rank 0)."""
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -1,0 +1,40 @@
+"""Entry point: ``torchrun ... -m megatron_eaopd.train --config recipes/NAME.yaml [key.sub=value ...]``.
+
+Also launched directly by ``srun`` (one task per GPU; ``MASTER_ADDR``/``MASTER_PORT`` exported by the
+SLURM launcher) or as a single process. Exit codes: 0 finished or preempted with a checkpoint saved,
+2 configuration error, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_eaopd.config import ConfigError, load_config, parse_cli
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        path, overrides = parse_cli(argv)
+        cfg = load_config(path, overrides)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    from megatron_eaopd.distributed import destroy
+    from megatron_eaopd.trainer import train
+
+    try:
+        train(cfg)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
