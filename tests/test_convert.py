@@ -158,6 +158,8 @@ def test_cli_errors(work, tmp_path):
     (fake / "latest").write_text("iter_0000003\n")
     p = _cli("import", "--hf", fake, "--out", tmp_path / "y")
     assert p.returncode == 1 and "is a Megatron checkpoint" in p.stderr and "convert_hf.py export" in p.stderr
+    p = _cli("import", "--hf", work / "hf" / "qwen3_tied", "--out", tmp_path / "z", "--tp", "2")
+    assert p.returncode == 1 and "needs a multiple of 2 processes but this run has 1" in p.stderr
 
 
 def test_error_messages(work, tmp_path):

@@ -141,3 +141,9 @@ def test_mapping_roundtrip_names(tied):
             assert t.shape[0] == 384 and bool((t[300:] == 0).all())
         back.update(dict(to_hf(name, t, spec)))
     assert set(back) == set(src) and all(torch.equal(back[k], src[k]) for k in src)
+
+
+def test_tp_shard_infers_untagged_split():
+    p = torch.nn.Parameter(torch.empty(3, 4))  # no tensor_model_parallel attribute
+    w = torch.randn(6, 4)
+    assert torch.equal(tp_shard("decoder.layers.0.self_attention.linear_qkv.weight", w, p, 1, 2), w[3:])

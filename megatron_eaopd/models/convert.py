@@ -302,6 +302,12 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
     files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
     args = hf_to_gpt_args(hf_dir)
     dt = parse_dtype(dtype, args.source_dtype or torch.bfloat16)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % (tp * pp):
+        raise ValueError(
+            f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes but this run has {world}; launch with "
+            f"torchrun --nproc-per-node {tp * pp}, or convert at tp=pp=1 (the checkpoint reshards to any TP/PP on load)"
+        )
     _setup(tp, pp)
     chunks, info = build_gpt_model(hf_dir, params_dtype=dt, perform_initialization=False)
     n = load_hf_weights(chunks, files, progress=progress)

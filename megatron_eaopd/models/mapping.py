@@ -314,15 +314,22 @@ def to_hf(name: str, tensor: torch.Tensor, spec: MappingSpec) -> Iterator[tuple[
 
 def tp_shard(name: str, full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This TP rank's piece of a full Megatron tensor, following the parameter's own
-    ``tensor_model_parallel`` / ``partition_dim`` attributes (set by megatron-core's parallel layers).
+    ``tensor_model_parallel`` / ``partition_dim`` attributes (set by megatron-core's parallel layers;
+    inferred from the shapes when a layer leaves them unset).
 
     ``linear_fc1`` (SwiGLU) is sharded as ``[gate_r; up_r]``.
 
     Raises:
         ValueError: the piece's shape differs from ``param``'s (names both).
     """
-    if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
-        dim = param.partition_dim
+    is_tp = getattr(param, "tensor_model_parallel", None)
+    dim = getattr(param, "partition_dim", None)
+    if tp_size > 1 and is_tp is None and tuple(full.shape) != tuple(param.shape):
+        # a layer that does not tag its parameters (e.g. some TE versions): infer the split dimension
+        dims = [i for i, (a, b) in enumerate(zip(full.shape, param.shape)) if a == b * tp_size and a != b]
+        if len(dims) == 1 and full.dim() == param.dim():
+            is_tp, dim = True, dims[0]
+    if tp_size > 1 and is_tp:
         if name.endswith("mlp.linear_fc1.weight"):
             g, u = torch.chunk(full, 2, dim=0)
             piece = torch.cat([torch.chunk(g, tp_size, 0)[tp_rank], torch.chunk(u, tp_size, 0)[tp_rank]], 0)
