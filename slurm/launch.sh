@@ -21,7 +21,8 @@
 # every task; the trainer saves a checkpoint, prints "preempted: checkpoint saved" and exits 0.
 # The launcher then requeues the job (`scontrol requeue`, needs --requeue) and the next run resumes
 # from <run dir>/checkpoints/latest. SIGTERM (scancel, scheduler preemption, time limit) is
-# forwarded too, but not followed by a self-requeue (scheduler preemption requeues by itself).
+# not forwarded (Slurm sends it to every task itself) and not followed by a self-requeue
+# (scheduler preemption and `scontrol requeue` requeue by themselves).
 # A run that ends unfinished prints the exact sbatch command that continues it.
 #
 # Environment knobs (all optional):
@@ -96,7 +97,7 @@ CHECK=("$ROOT/slurm/_recipe.py" "$RECIPE" --world "$WORLD_SIZE_SLURM" --nodes "$
   --tasks-per-node "$NTASKS_PER_NODE" --gpus-per-node "$GPUS_PER_NODE")
 [ "${ALLOW_CPU:-0}" = 1 ] && CHECK+=(--allow-cpu)
 [ "${CHECK_PATHS:-1}" = 1 ] && CHECK+=(--check-paths)
-if [ -n "${CONTAINER:-}" ]; then
+if [ -n "${CONTAINER:-}" ] && [ "${DRY_RUN:-0}" != 1 ]; then
   # the host may lack the project's Python packages: check inside the image, on one task
   settings=$(srun --nodes=1 --ntasks=1 "${EAOPD_CONTAINER_ARGS[@]}" "$PYTHON" "${CHECK[@]}" "${OVERRIDES[@]}") \
     || eaopd_die "the recipe does not fit this allocation (see above)"
@@ -136,16 +137,23 @@ continue_cmd() {
 SIGNALED=""
 REQUEUING=0
 SRUN_PID=""
+# USR1 (--signal=B:USR1@N, or `scancel --signal=USR1 --batch`) reaches only this shell: pass it on
+# to srun, which delivers it to every task. SIGTERM is NOT forwarded: on scancel, time limit,
+# preemption and `scontrol requeue` Slurm already sends it to every task itself, and a second
+# SIGTERM makes srun force-kill the step while the trainer is still writing its checkpoint.
 # shellcheck disable=SC2317  # invoked by the traps below
-forward() {
+on_signal() {
   [ "$REQUEUING" = 1 ] && return 0   # our own 'scontrol requeue' sends TERM to this shell: expected
   SIGNALED=${SIGNALED:-$1}
-  echo "[launch] $(date +%T) got SIG$1: forwarding to the training step (checkpoint, then exit)"
-  if [ -n "$SRUN_PID" ]; then kill -s "$1" "$SRUN_PID" 2>/dev/null || true; fi
+  if [ "$1" = USR1 ]; then
+    echo "[launch] $(date +%T) got SIGUSR1: forwarding to the training step (checkpoint, then exit)"
+    if [ -n "$SRUN_PID" ]; then kill -s USR1 "$SRUN_PID" 2>/dev/null || true; fi
+  else
+    echo "[launch] $(date +%T) got SIG$1: Slurm signals the tasks itself; waiting for their checkpoint"
+  fi
 }
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-trap 'forward INT' INT
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
 
 "${SRUN[@]}" &
 SRUN_PID=$!
@@ -172,6 +180,10 @@ if [ "$rc" -eq 0 ] && [ "$SIGNALED" = USR1 ] && [ "${REQUEUE_ON_SIGNAL:-1}" = 1 
     REQUEUING=0
     echo "[launch] 'scontrol requeue $SLURM_JOB_ID' failed (submitted without --requeue?)"
   fi
+fi
+STATE=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*\|Reason=[^ ]*' | paste -sd' ' || true)
+if [ "$SIGNALED" = TERM ]; then
+  echo "[launch] Slurm stopped the job ($STATE): if it was preempted or requeued (--requeue) it restarts by itself and resumes"
 fi
 if [ "$rc" -eq 0 ]; then
   echo "[launch] stopped after SIG$SIGNALED with a checkpoint in $RUN_DIR/checkpoints"

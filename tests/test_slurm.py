@@ -1,0 +1,457 @@
+"""SLURM launch (slurm/): node-list and rank derivation, launcher checks, and real jobs on a local
+Slurm cluster (tests/slurm/cluster_up.sh: munged + slurmctld + 2 emulated slurmd nodes with fake
+GPUs, all on this host).
+
+Unit tests (seconds, no cluster): ``slurm/_env.sh`` host-list expansion (the pure-bash parser and
+``scontrol show hostnames``), head node / port / world derivation for 1-3 nodes, the launcher's
+error messages (``DRY_RUN=1`` with a faked SLURM environment), and shellcheck on every script.
+
+Cluster tests (``slow``; the cluster is installed with apt if missing, started once per module and
+stopped by PID files in a finalizer): ``sbatch slurm/qwen3_4b.sh`` on 2 nodes x 1 task with
+``ALLOW_CPU=1`` (gloo) and the stand-in trainer ``tests/scripts/fake_trainer.py`` (same process
+contract as ``megatron_eaopd.train``): the job completes, every rank sees the same head node and a
+distinct rank; ``scancel --signal=USR1 --batch`` -> checkpoint -> self-requeue -> resume;
+``scontrol requeue`` -> checkpoint on SIGTERM -> restart -> resume; the pyxis path with an option
+stub; and the real trainer on its tiny CPU recipe when ``tests/TRAINER_SMOKE.md`` names one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_SH = ROOT / "slurm" / "_env.sh"
+UP = ROOT / "tests" / "slurm" / "cluster_up.sh"
+DOWN = ROOT / "tests" / "slurm" / "cluster_down.sh"
+CLUSTER_DIR = "/tmp/eaopd_slurm_pytest"
+CLUSTER_PORT = "7917"  # not the default of cluster_up.sh: a developer's cluster may be running
+
+
+def bash(script: str, env: dict | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a bash snippet with slurm/_env.sh sourced (clean SLURM_* environment + ``env``)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    base.update(env or {})
+    p = subprocess.run(["bash", "-c", f"source {ENV_SH}; {script}"], capture_output=True, text=True,
+                       env=base, cwd=ROOT, timeout=timeout)
+    if check:
+        assert p.returncode == 0, f"rc={p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# unit tests: host lists, rendezvous, ports
+
+HOSTLISTS = [
+    ("gpu17", ["gpu17"]),
+    ("node[01-02]", ["node01", "node02"]),
+    ("node[01-03]", ["node01", "node02", "node03"]),
+    ("node[1,3-4]", ["node1", "node3", "node4"]),
+    ("node[098-101]", ["node098", "node099", "node100", "node101"]),
+    ("a[1-2],b7,c[09-10]", ["a1", "a2", "b7", "c09", "c10"]),
+    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+    ("eaopd-n[1-2]", ["eaopd-n1", "eaopd-n2"]),
+]
+
+
+@pytest.mark.parametrize("hostlist,expected", HOSTLISTS)
+def test_expand_hostlist_pure_bash(hostlist, expected):
+    out = bash(f"eaopd_expand_hostlist '{hostlist}'", env={"EAOPD_HOSTLIST_NO_SCONTROL": "1"}).stdout.split()
+    assert out == expected
+    head = bash(f"eaopd_head_node '{hostlist}'", env={"EAOPD_HOSTLIST_NO_SCONTROL": "1"}).stdout.strip()
+    assert head == expected[0]
+
+
+def test_expand_hostlist_rejects_garbage():
+    p = bash("eaopd_expand_hostlist 'node[a-b]'", env={"EAOPD_HOSTLIST_NO_SCONTROL": "1"}, check=False)
+    assert p.returncode != 0 and "cannot parse" in p.stderr
+
+
+@pytest.mark.parametrize("nodes,nodelist,tasks_per_node,extra", [
+    (1, "gpu17", "8", {"SLURM_NTASKS_PER_NODE": "8"}),
+    (2, "node[01-02]", "8(x2)", {"SLURM_NTASKS_PER_NODE": "8"}),
+    (3, "node[01-03]", "4(x3)", {}),  # --ntasks-per-node not exported: parsed from SLURM_TASKS_PER_NODE
+])
+def test_rendezvous_from_slurm_env(nodes, nodelist, tasks_per_node, extra):
+    per_node = int(tasks_per_node.split("(")[0])
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_NUM_NODES": str(nodes),
+           "SLURM_TASKS_PER_NODE": tasks_per_node, "SLURM_NTASKS": str(nodes * per_node),
+           "EAOPD_HOSTLIST_NO_SCONTROL": "1", **extra}
+    out = bash('eaopd_rendezvous; echo "$MASTER_ADDR $MASTER_PORT $NNODES $NTASKS_PER_NODE $WORLD_SIZE_SLURM"',
+               env=env).stdout.split()
+    first = bash(f"eaopd_head_node '{nodelist}'", env={"EAOPD_HOSTLIST_NO_SCONTROL": "1"}).stdout.strip()
+    assert out == [first, str(12000 + 4242 % 5000 * 4), str(nodes), str(per_node), str(nodes * per_node)]
+    # the ranks srun gives (SLURM_PROCID = node index * tasks per node + local id) are what the
+    # trainer reads: megatron_eaopd.distributed.dist_env
+    from megatron_eaopd.distributed import dist_env
+
+    seen = set()
+    for node in range(nodes):
+        for local in range(per_node):
+            rank = node * per_node + local
+            fake = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": out[4], "SLURM_LOCALID": str(local),
+                    "MASTER_ADDR": out[0], "MASTER_PORT": out[1]}
+            with pytest.MonkeyPatch.context() as mp:
+                for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                    mp.delenv(k, raising=False)
+                for k, v in fake.items():
+                    mp.setenv(k, v)
+                e = dist_env()
+            assert (e.world_size, e.local_rank, e.master_addr, e.master_port) == (nodes * per_node, local, first, int(out[1]))
+            seen.add(e.rank)
+    assert seen == set(range(nodes * per_node))
+
+
+def test_user_rendezvous_wins_and_ports_differ():
+    env = {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+           "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29999", "EAOPD_HOSTLIST_NO_SCONTROL": "1"}
+    assert bash('eaopd_rendezvous; echo "$MASTER_ADDR:$MASTER_PORT $WORLD_SIZE_SLURM"', env=env).stdout.split() == [
+        "10.0.0.9:29999", "2"]
+    ports = [int(bash(f"eaopd_master_port {j} {r}").stdout) for j in (1, 2, 4999, 5000, 123456) for r in (0, 1)]
+    assert all(12000 <= p < 32000 for p in ports)
+    assert len(set(ports[:8])) == 8  # distinct over job ids and restarts
+    assert bash("eaopd_master_port 5 1").stdout != bash("eaopd_master_port 5 0").stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# unit tests: the launcher's checks (DRY_RUN: nothing is launched)
+
+def fake_job_env(nodes=2, tasks=1, gpus=0, **extra) -> dict:
+    env = {"SLURM_JOB_ID": "99", "SLURM_JOB_NAME": "t", "SLURM_JOB_NODELIST": f"node[01-0{nodes}]" if nodes > 1 else "node01",
+           "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NTASKS_PER_NODE": str(tasks), "SLURM_NTASKS": str(nodes * tasks),
+           "SLURM_SUBMIT_DIR": str(ROOT), "EAOPD_HOSTLIST_NO_SCONTROL": "1", "DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if gpus:
+        env["SLURM_GPUS_ON_NODE"] = str(gpus)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(env: dict, *args: str) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    base.update(env)
+    return subprocess.run(["bash", str(ROOT / "slurm" / "launch.sh"), *args], capture_output=True, text=True,
+                          env=base, cwd="/", timeout=60)
+
+
+def test_launcher_not_under_slurm():
+    p = launch({"SLURM_SUBMIT_DIR": str(ROOT)}, "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "not running under SLURM" in p.stderr and "sbatch slurm/qwen3_4b.sh" in p.stderr
+
+
+def test_launcher_needs_gpus_unless_allow_cpu():
+    p = launch(fake_job_env(CHECK_PATHS=0), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "no GPUs" in p.stderr and "ALLOW_CPU=1" in p.stderr
+    p = launch(fake_job_env(CHECK_PATHS=0, ALLOW_CPU=1), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 0, p.stderr
+    assert "rendezvous     node01:" in p.stdout and "dry run: srun" in p.stdout
+    assert "logging.run_dir=" + str(ROOT / "runs" / "qwen3_4b-99") in p.stdout
+
+
+def test_launcher_layout_mismatch():
+    # 3 GPUs on 1 node: student TP=2 does not divide a world of 3
+    p = launch(fake_job_env(nodes=1, tasks=3, gpus=3, CHECK_PATHS=0), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "does not divide the world size 3" in p.stderr, p.stderr
+    # more tasks than GPUs
+    p = launch(fake_job_env(nodes=1, tasks=8, gpus=4, CHECK_PATHS=0), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "only 4 GPUs per node" in p.stderr
+    # TP larger than a node (TP=2 over 2 nodes of 1 GPU)
+    p = launch(fake_job_env(nodes=2, tasks=1, gpus=1, CHECK_PATHS=0), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "exceeds the 1 GPUs of one node" in p.stderr
+    # a fitting layout: 2 nodes x 8 GPUs
+    p = launch(fake_job_env(nodes=2, tasks=8, gpus=8, CHECK_PATHS=0), "recipes/qwen3_4b.yaml", "train.iterations=3")
+    assert p.returncode == 0, p.stderr
+    assert "student TP=2 PP=1 DP=8" in p.stdout and "world size 16" in p.stdout
+    assert "train.iterations=3" in p.stdout
+
+
+def test_launcher_missing_checkpoints_and_bad_override():
+    p = launch(fake_job_env(nodes=1, tasks=8, gpus=8), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist" in p.stderr
+    assert "convert" in p.stderr
+    p = launch(fake_job_env(nodes=1, tasks=8, gpus=8, CHECK_PATHS=0, EXTRA_ARGS="loss.tauu=1"), "recipes/qwen3_4b.yaml")
+    assert p.returncode == 1 and "loss.tau" in p.stderr
+
+
+def test_launcher_container_args():
+    p = launch(fake_job_env(CHECK_PATHS=0, ALLOW_CPU=1, CONTAINER="nvcr.io#nvidia/pytorch:25.01-py3",
+                            CONTAINER_MOUNTS="/data:/data", PYTHON=ROOT / ".venv" / "bin" / "python"),
+               "recipes/qwen3_4b.yaml")
+    assert p.returncode == 0, p.stderr
+    srun = shlex.split(p.stdout.split("dry run:")[1].splitlines()[0])
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in srun
+    assert f"--container-mounts={ROOT}:{ROOT},/data:/data" in srun
+    assert srun.index("--container-image=nvcr.io#nvidia/pytorch:25.01-py3") < srun.index("bash")  # srun options
+    p = launch(fake_job_env(CHECK_PATHS=0, ALLOW_CPU=1), "recipes/qwen3_4b.yaml")
+    assert "--container" not in p.stdout
+
+
+def test_sbatch_files_are_thin_and_consistent():
+    for name in ("qwen3_0.6b", "qwen3_1.7b", "qwen3_4b"):
+        text = (ROOT / "slurm" / f"{name}.sh").read_text()
+        directives = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", text, re.M))
+        for key in ("nodes", "ntasks-per-node", "gpus-per-node", "exclusive", "time", "output", "error",
+                    "signal", "requeue", "open-mode"):
+            assert key in directives, (name, key)
+        assert directives["signal"].startswith("B:USR1@")
+        assert directives["ntasks-per-node"] == directives["gpus-per-node"]
+        assert f"slurm/launch.sh\" recipes/{name}.yaml" in text
+        assert (ROOT / "recipes" / f"{name}.yaml").is_file()
+        code = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        assert len(code) <= 3, code  # thin: everything else lives in launch.sh
+
+
+def _ensure_apt(pkg_cmd: str, *pkgs: str) -> str | None:
+    """Install ``pkgs`` with apt when ``pkg_cmd`` is missing; return a skip reason or None."""
+    if shutil.which(pkg_cmd):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"{pkg_cmd} missing and apt-get unavailable (needs root on Debian/Ubuntu)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *pkgs]
+    if subprocess.run(cmd, capture_output=True, env=env, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        if p.returncode != 0:
+            return f"apt-get install {' '.join(pkgs)} failed: {p.stderr[-300:]}"
+    return None if shutil.which(pkg_cmd) else f"{pkg_cmd} still missing after apt-get install"
+
+
+def test_shellcheck_clean():
+    reason = _ensure_apt("shellcheck", "shellcheck")
+    if reason:
+        pytest.skip(reason)
+    scripts = sorted(str(p.relative_to(ROOT)) for d in ("slurm", "tests/slurm") for p in (ROOT / d).rglob("*.sh"))
+    assert len(scripts) >= 9, scripts
+    p = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0 and not p.stdout.strip(), p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the real local cluster
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 2-node local Slurm cluster (fake GPUs, pyxis option stub when it builds); torn down after."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root (slurmd launches jobs)")
+    reason = _ensure_apt("slurmctld", "slurm-wlm", "munge")
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "EAOPD_SLURM_DIR": CLUSTER_DIR, "EAOPD_SLURM_PORT": CLUSTER_PORT, "EAOPD_SLURM_NODES": "2",
+           "EAOPD_SLURM_CPUS": "2", "EAOPD_SLURM_GPUS": "2", "EAOPD_SLURM_PYXIS": "1"}
+    try:
+        up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, env=env, timeout=300)
+        pyxis = up.returncode == 0
+        if not pyxis:  # no gcc / libslurm-dev: run without the container stub
+            env["EAOPD_SLURM_PYXIS"] = "0"
+            up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, env=env, timeout=300)
+        assert up.returncode == 0, f"cluster_up failed:\n{up.stdout}\n{up.stderr}"
+        yield {"conf": f"{CLUSTER_DIR}/etc/slurm.conf", "pyxis": pyxis}
+    finally:
+        subprocess.run(["bash", str(DOWN)], capture_output=True, text=True, timeout=120,
+                       env={**env, "EAOPD_SLURM_PURGE": "1"})
+
+
+def job_info(conf: str, job: str) -> dict:
+    p = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
+                       env={**os.environ, "SLURM_CONF": conf}, timeout=30)
+    return dict(re.findall(r"(\w+)=(\S*)", p.stdout))
+
+
+def wait_for(pred, timeout: float, what: str, poll: float = 0.5):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_done(conf: str, job: str, timeout: float) -> dict:
+    def done():
+        info = job_info(conf, job)
+        return info if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else None
+    return wait_for(done, timeout, f"job {job} to finish")
+
+
+class Job:
+    """One sbatch of slurm/qwen3_4b.sh on the test cluster (2 nodes x 1 task, CPU, fake trainer)."""
+
+    def __init__(self, cluster: dict, tmp: Path, *overrides: str, env: dict | None = None, real: bool = False):
+        self.conf, self.tmp = cluster["conf"], tmp
+        e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+        e.update({"SLURM_CONF": self.conf, "ALLOW_CPU": "1", "RUN_BASE": str(tmp / "runs"),
+                  "OMP_NUM_THREADS": "1"})
+        if not real:
+            e.update({"TRAIN_MODULE": "fake_trainer", "PYTHONPATH": str(ROOT / "tests" / "scripts"),
+                      "CHECK_PATHS": "0", "FAKE_ITER_S": "0.4"})
+        e.update(env or {})
+        cmd = ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
+               f"--output={tmp}/%j.out", f"--error={tmp}/%j.err", "slurm/qwen3_4b.sh", *overrides]
+        self.t0 = time.monotonic()
+        p = subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=60)
+        assert p.returncode == 0, p.stderr
+        self.id = p.stdout.strip().split(";")[0]
+        self.run_dir = tmp / "runs" / f"qwen3_4b-{self.id}"
+
+    def log(self) -> str:
+        out = self.tmp / f"{self.id}.out"
+        err = self.tmp / f"{self.id}.err"
+        return (out.read_text() if out.exists() else "") + "\n--- stderr\n" + (err.read_text() if err.exists() else "")
+
+    def metrics(self) -> list[dict]:
+        f = self.run_dir / "metrics.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
+
+    def ranks(self, restart: int = 0) -> list[dict]:
+        return sorted((json.loads(p.read_text()) for p in (self.run_dir / "ranks").glob(f"rank*-restart{restart}.json")),
+                      key=lambda r: r["rank"])
+
+    def wait(self, timeout: float = 90) -> dict:
+        try:
+            return wait_done(self.conf, self.id, timeout)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log()[-4000:]}") from None
+
+
+def _scontrol(conf: str, *args: str) -> None:
+    p = subprocess.run(["scontrol", *args], capture_output=True, text=True, env={**os.environ, "SLURM_CONF": conf}, timeout=30)
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.slow
+def test_scontrol_hostnames_agree_with_pure_bash(cluster):
+    for hostlist, expected in HOSTLISTS:
+        out = bash(f"eaopd_expand_hostlist '{hostlist}'", env={"SLURM_CONF": cluster["conf"]}).stdout.split()
+        assert out == expected, hostlist
+
+
+@pytest.mark.slow
+def test_job_completes_two_nodes(cluster, tmp_path):
+    job = Job(cluster, tmp_path, "train.iterations=5")
+    info = job.wait()
+    log = job.log()
+    assert info["JobState"] == "COMPLETED", log
+    ranks = job.ranks()
+    assert [r["rank"] for r in ranks] == [0, 1], log
+    assert {r["master_addr"] for r in ranks} == {"eaopd-n1"}                # head = first node of eaopd-n[1-2]
+    assert {r["node"] for r in ranks} == {"eaopd-n1", "eaopd-n2"}           # one rank per emulated node
+    assert ranks[0]["node"] == "eaopd-n1"                                   # rank 0 runs on the head node
+    assert all(r["world_size"] == 2 and r["allreduce"] == 1.0 for r in ranks)
+    assert len({r["master_port"] for r in ranks}) == 1
+    assert [m["iteration"] for m in job.metrics()] == [1, 2, 3, 4, 5]
+    assert (job.run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000005"
+    # the launcher printed its settings first, and every task its rank line
+    assert log.index("megatron_eaopd SLURM launch") < log.index("[task]")
+    assert len(re.findall(r"\[task\] rank=\d/2 .* master=eaopd-n1:", log)) == 2
+    assert "[launch] done" in log
+
+
+@pytest.mark.slow
+def test_usr1_preemption_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    job = Job(cluster, tmp_path, "train.iterations=14")
+    wait_for(lambda: len(job.metrics()) >= 2, 60, "the first iterations")
+    _scontrol_signal = subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], capture_output=True, text=True,
+                                      env={**os.environ, "SLURM_CONF": cluster["conf"]}, timeout=30)
+    assert _scontrol_signal.returncode == 0, _scontrol_signal.stderr
+    info = job.wait(120)
+    log = job.log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "got SIGUSR1: forwarding" in log and "preempted: checkpoint saved" in log and "requeued (restart 1)" in log
+    before = job.ranks(0)
+    after = job.ranks(1)
+    assert len(after) == 2 and all(r["resumed_from"] > 0 for r in after), log
+    its = [m["iteration"] for m in job.metrics()]
+    assert its == list(range(1, 15)), its                     # continues where the checkpoint left off
+    assert {m["restart"] for m in job.metrics()} == {0, 1}
+    assert before[0]["master_port"] != after[0]["master_port"]  # fresh port after the requeue
+
+
+@pytest.mark.slow
+def test_scontrol_requeue_resumes_from_checkpoint(cluster, tmp_path):
+    job = Job(cluster, tmp_path, "train.iterations=12")
+    wait_for(lambda: len(job.metrics()) >= 2, 60, "the first iterations")
+    _scontrol(cluster["conf"], "requeue", job.id)
+    info = job.wait(120)
+    log = job.log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert "preempted: checkpoint saved" in log and "restarts by itself" in log
+    after = job.ranks(1)
+    assert len(after) == 2 and after[0]["resumed_from"] >= 2, log
+    its = [m["iteration"] for m in job.metrics()]
+    assert its == list(range(1, 13)), its
+
+
+@pytest.mark.slow
+def test_unfinished_job_prints_continue_command(cluster, tmp_path):
+    job = Job(cluster, tmp_path, "train.iterations=40", env={"REQUEUE_ON_SIGNAL": "0"})
+    wait_for(lambda: len(job.metrics()) >= 1, 60, "the first iteration")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env={**os.environ, "SLURM_CONF": cluster["conf"]},
+                   timeout=30, check=True)
+    info = job.wait(60)
+    log = job.log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    m = re.search(r"to continue this run from its latest checkpoint:\n  (.+)", log)
+    assert m, log
+    cmd = m.group(1)
+    assert f"RUN_DIR={job.run_dir}" in cmd and "sbatch --nodes=2 --ntasks-per-node=1 slurm/qwen3_4b.sh train.iterations=40" in cmd
+    assert "ALLOW_CPU=1" in cmd
+
+
+@pytest.mark.slow
+def test_container_options_reach_srun(cluster, tmp_path):
+    if not cluster["pyxis"]:
+        pytest.skip("pyxis option stub not built (needs gcc + libslurm-dev)")
+    job = Job(cluster, tmp_path, "train.iterations=2",
+              env={"CONTAINER": "/images/eaopd.sqsh", "CONTAINER_MOUNTS": "/tmp:/tmp", "PYTHON": str(ROOT / ".venv" / "bin" / "python")})
+    info = job.wait()
+    assert info["JobState"] == "COMPLETED", job.log()
+    for r in job.ranks():
+        assert r["container_image"] == "/images/eaopd.sqsh"
+        assert r["container_mounts"] == f"{ROOT}:{ROOT},/tmp:/tmp"
+
+
+def _trainer_smoke() -> list[str] | None:
+    """Overrides for the real trainer's tiny CPU recipe, from tests/TRAINER_SMOKE.md (None if absent)."""
+    f = ROOT / "tests" / "TRAINER_SMOKE.md"
+    if not f.exists():
+        return None
+    m = re.search(r"megatron_eaopd\.train\s+--config\s+(\S+)((?:\s+[\w.]+=\S+)*)", f.read_text())
+    return [m.group(1), *m.group(2).split()] if m else None
+
+
+@pytest.mark.slow
+def test_real_trainer_two_nodes(cluster, tmp_path):
+    smoke = _trainer_smoke()
+    if smoke is None:
+        pytest.skip("tests/TRAINER_SMOKE.md (the trainer's tiny CPU command) is not there yet")
+    recipe, *overrides = smoke
+    overrides = [o for o in overrides if not o.startswith("logging.run_dir=")]
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    e.update({"SLURM_CONF": cluster["conf"], "ALLOW_CPU": "1", "RUN_BASE": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"})
+    # the thin sbatch file fixes the recipe; for the tiny recipe call the launcher the same way it does
+    script = tmp_path / "smoke.sh"
+    text = (ROOT / "slurm" / "qwen3_4b.sh").read_text().replace("recipes/qwen3_4b.yaml", recipe)
+    script.write_text(text)
+    p = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
+                        f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err", str(script), *overrides],
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=60)
+    assert p.returncode == 0, p.stderr
+    jid = p.stdout.strip()
+    info = wait_done(cluster["conf"], jid, 240)
+    log = (tmp_path / f"{jid}.out").read_text() + (tmp_path / f"{jid}.err").read_text()
+    assert info["JobState"] == "COMPLETED", log[-6000:]
+    run_dir = tmp_path / "runs" / f"{Path(recipe).stem}-{jid}"
+    assert len(re.findall(r"\[task\] rank=\d/2 .* master=eaopd-n1:", log)) == 2, log[-3000:]
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    assert metrics and all("iteration" in m for m in metrics)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip().startswith("iter_")
