@@ -1,4 +1,4 @@
-"""Tiny random teacher/student pair with the real SmolLM2 tokenizer, as Megatron checkpoints.
+"""Tiny random teacher (4 layers) / student (2 layers) pair with the real SmolLM2 tokenizer, as Megatron checkpoints.
 
     python tests/scripts/trainer_models.py OUT_DIR
 
@@ -39,7 +39,7 @@ def main():
 
     out = Path(sys.argv[1])
     tok = prepare_smollm2()
-    for name, layers, seed, tied in (("teacher", 3, 1, False), ("student", 2, 2, True)):
+    for name, layers, seed, tied in (("teacher", 4, 1, False), ("student", 2, 2, True)):
         hf = make(out / f"hf_{name}", layers, seed, tied, tok)
         import_hf(hf, out / name, dtype="fp32", progress=False)
     (out / "READY").write_text("ok\n")
