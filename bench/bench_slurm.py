@@ -129,6 +129,7 @@ def main() -> int:
     cluster_up_s = time.monotonic() - t0
     try:
         assert up.returncode == 0, up.stderr
+        slurm_version = sh("sinfo", "--version").strip()
         with tempfile.TemporaryDirectory(prefix="bench_slurm_") as tmpd:
             tmp = Path(tmpd)
             models = None
@@ -157,13 +158,14 @@ def main() -> int:
     out = {
         "benchmark": "slurm launch overhead (sbatch slurm/qwen3_4b.sh, 2 emulated nodes x 1 task, CPU/gloo)",
         "machine": {"host_cpus": os.cpu_count(), "python": platform.python_version(),
-                    "slurm": subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip()},
+                    "slurm": slurm_version},
         "cluster": {"nodes": 2, "cpus_per_node": 2, "sched_interval_s": 2, "cred_expire_s": 5,
                     "cluster_up_s": round(cluster_up_s, 2)},
         "notes": "fake = tests/scripts/fake_trainer.py (torch + gloo init only: the launcher's own cost); "
                  "real = megatron_eaopd.train on tests/trainer_recipe.yaml (tiny random models). The requeue "
                  "wait is dominated by the cluster's cred_expire (5 s here; Slurm's default is 120 s) and "
-                 "sched_interval; a production queue adds its own wait.",
+                 "sched_interval; a production queue adds its own wait. The "
+                 "2 host cores are shared with other work: the real trainer's start-up varies 2x between trials.",
         "summary": summary,
         "runs": results,
     }

@@ -76,7 +76,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire is also the wait before a requeued job may start again (default 120 s)
-AuthInfo=socket=${D}/run/munge.socket,cred_expire=10
+AuthInfo=socket=${D}/run/munge.socket,cred_expire=5
 StateSaveLocation=${D}/state
 SlurmdSpoolDir=${D}/spool/%n
 SlurmctldPidFile=${D}/run/slurmctld.pid
