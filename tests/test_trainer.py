@@ -112,14 +112,17 @@ def test_kill9_then_resume_matches_uninterrupted_run(models, tmp_path):
 
 def test_sigterm_leaves_a_loadable_checkpoint(models, tmp_path):
     run_dir = tmp_path / "term"
-    p = subprocess.Popen(train_cmd(1, base_overrides(models, run_dir) + ["train.iterations=50", "checkpoint.save_interval=0"]),
-                         env=_env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
+    # launched directly (as srun does, one process per task): torchrun's agent would turn its own
+    # SIGTERM into a non-zero exit and kill the workers after 30 s, whatever they are doing
+    p = subprocess.Popen([sys.executable, "-m", "megatron_eaopd.train", str(RECIPE), *base_overrides(models, run_dir),
+                          "train.iterations=50", "checkpoint.save_interval=0"],
+                         env={**_env(1), "MASTER_PORT": str(free_port())}, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not metrics(run_dir):
         assert p.poll() is None, p.stdout.read()[-4000:]
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGTERM)
+    p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-4000:]
     assert "preempted: checkpoint saved" in out
@@ -142,23 +145,19 @@ def test_stages_teacher_signals_and_old_log_probs(models):
         assert r["rollout_shapes"]["ok"]
 
 
+# Errors only the launched trainer can see (the schema's own errors are in tests/test_config.py).
 BAD = [
     (["parallel.tp=3"], "does not divide the world size"),
-    (["loss.mode=full", "parallel.pp=2"], None),  # needs 2 ranks; checked below with nproc=2
-    (["parallel.teacher_tp=2", "parallel.tp=1"], None),
     (["student.checkpoint=/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["data.train_files=[/nonexistent/data.jsonl]"], "/nonexistent/data.jsonl"),
-    (["optimizer.lrr=1"], "did you mean 'optimizer.lr'"),
-    (["loss.mode=fulll"], "is not one of ['topk', 'full']"),
     (["train.micro_batch_size=3"], "micro_batch_size"),
-    (["rollout.top_p=1.5"], "rollout.top_p"),
-    (["loss.tau=-1"], "loss.tau"),
     (["checkpoint.resume=required"], "does not exist"),
     (["data.max_prompt_tokens=5"], "max_prompt_tokens"),
+    (["optimizer.lrr=1"], "did you mean 'optimizer.lr'"),
 ]
 
 
-@pytest.mark.parametrize("overrides,needle", [b for b in BAD if b[1]], ids=lambda x: str(x)[:40])
+@pytest.mark.parametrize("overrides,needle", BAD, ids=lambda x: str(x)[:40])
 def test_bad_config_clear_error(models, tmp_path, overrides, needle):
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_eaopd.train", str(RECIPE), *base_overrides(models, tmp_path / "bad"), *overrides],
