@@ -43,7 +43,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux ``clear_refs`` value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then includes earlier allocations
+        pass
+
+
 def _peak_rss_bytes() -> int:
+    """Peak RSS since the last :func:`_reset_peak_rss` (VmHWM), else since process start."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -138,6 +155,7 @@ def worker(method: str, dtype_name: str, n_tokens: int, vocab: int, out_file: st
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+        _reset_peak_rss()
     t0 = time.perf_counter()
     step(x, sig, tfull, target, old, mask)
     if dev.type == "cuda":
