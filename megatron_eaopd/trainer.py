@@ -111,6 +111,11 @@ class Trainer:
         if cfg.loss.mode == "full" and layout.pp > 1:
             raise ConfigError("config error at loss.mode: 'full' needs the teacher logits in the student's micro-batch "
                               "step, supported at parallel.pp=1 only; use mode=topk with pipeline parallelism")
+        if cfg.train.prompts_per_iteration % layout.dp:
+            raise ConfigError(
+                f"config error at train.prompts_per_iteration: {cfg.train.prompts_per_iteration} prompts cannot be "
+                f"shared evenly by DP={layout.dp} data-parallel ranks; use a multiple of {layout.dp}"
+            )
         init_model_parallel(tp=layout.tp, pp=layout.pp)
         seed_everything(cfg.train.seed)
         self.dp_rank = ps.get_data_parallel_rank()
@@ -505,12 +510,31 @@ class Trainer:
         return {"iteration": it, "preempted": False, **last}
 
     def export_hf(self) -> Path:
-        """Export the final student to Hugging Face format under ``<run_dir>/hf_student`` (collective)."""
-        from megatron_eaopd.models.convert import export_hf
+        """Export the final checkpoint to Hugging Face format under ``<run_dir>/hf_student``.
+
+        Rank 0 runs the converter in a fresh single process (a world of one at TP = PP = 1: the
+        checkpoint reshards on load), so the training process groups are left alone; the other ranks
+        wait at a barrier. Raises RuntimeError (on rank 0) if the export fails.
+        """
+        import subprocess
+        import sys
 
         out = self.run_dir / "hf_student"
-        export_hf(self.ckpt_dir, out, progress=False)
-        print_rank0(f"[eopd] exported the student to {out}")
+        if dist.is_initialized():
+            dist.barrier()
+        if is_rank0():
+            env = {k: v for k, v in os.environ.items()
+                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                                "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+            code = ("import sys; from megatron_eaopd.models.convert import export_hf; "
+                    "export_hf(sys.argv[1], sys.argv[2], progress=False)")
+            proc = subprocess.run([sys.executable, "-c", code, str(self.ckpt_dir), str(out)], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"export of {self.ckpt_dir} to {out} failed:\n{proc.stderr[-3000:]}")
+            print_rank0(f"[eopd] exported the student to {out}")
+        if dist.is_initialized():
+            dist.barrier()
         return out
 
 
