@@ -2,7 +2,10 @@
 
 Protocol: method.md "Evaluation". Submodules: ``grading`` (last-\\boxed extraction, math-verify,
 GradingPool with hard per-item timeouts), ``metrics`` (pass@k, Avg@k, means), ``runner`` (the
-resumable benchmark pipeline, Generator protocol, scripted/replay generators, Markdown table).
+resumable benchmark pipeline, Generator protocol, scripted/replay generators, Markdown table),
+``model_generator`` (load a Megatron checkpoint / HF folder at any TP/PP, sample through it, spread
+calls over DP replicas), ``validation`` (``run_validation``: the same pipeline during training).
+The last two import torch / megatron-core and are not imported here.
 """
 
 from megatron_eaopd.evaluation.grading import GradeResult, GradingPool, grade_answers, grade_one, last_boxed
