@@ -220,12 +220,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.gpu
 def test_gpu_default_build_selects_gpu_path(mp1):
-    """build_gpt_model with defaults on CUDA: parameters on the GPU, bf16 when asked, TE spec iff TE imports;
-    the student set-up (as the trainer builds it) uses overlapped grad reduce and the distributed optimizer."""
-    from megatron_eaopd.loss import EOPDConfig
+    """build_gpt_model with defaults (the trainer's call) on CUDA: parameters on the GPU, bf16 when asked,
+    TE spec iff TE imports."""
     from megatron_eaopd.models.provider import build_gpt_model, te_available
-    from megatron_eaopd.rollout import Rollout
-    from megatron_eaopd.teacher import Teacher
 
     chunks, info = build_gpt_model(TINY, params_dtype=torch.bfloat16)
     sel = bgt.selection_report(chunks[0], info)
@@ -236,10 +233,20 @@ def test_gpu_default_build_selects_gpu_path(mp1):
     assert sel["spec"] == ("transformer_engine" if te_available() else "local") and sel["info_use_te"] == te_available()
     assert sel["sequence_parallel"] is False  # TP = 1 here; TP > 1 is checked function-level below
 
+
+@pytest.mark.gpu
+def test_gpu_trainer_setup_selection(mp1):
+    """The student as the trainer sets it up: bf16 parameters with fp32 grad reduce, overlapped grad
+    reduce / param gather, distributed optimizer; rollout ``auto`` -> dynamic; teacher offload honoured."""
+    from megatron_eaopd.loss import EOPDConfig
+    from megatron_eaopd.models.provider import build_gpt_model
+    from megatron_eaopd.rollout import Rollout
+    from megatron_eaopd.teacher import Teacher
+
     student, sinfo, ddp_cfg, _opt, _sched = bgt.build_student(TINY, torch.bfloat16, cuda=True, use_distributed_optimizer=True)
     tchunks, _ = build_gpt_model(TINY, params_dtype=torch.bfloat16, use_cpu_initialization=False)
     teacher = Teacher(tchunks, EOPDConfig(vocab_size=512), offload=True)
-    ro = Rollout(chunks[0], bgt.SyntheticTokenizer(512, 511), engine="auto")
+    ro = Rollout(student[0].module, bgt.SyntheticTokenizer(512, 511), engine="auto")
     sel = bgt.selection_report(student[0], sinfo, ddp_cfg, ro, teacher)
     assert sel["overlap_grad_reduce"] and sel["overlap_param_gather"] and sel["use_distributed_optimizer"]
     assert sel["grad_reduce_in_fp32"] and sel["params_dtype"] == "bfloat16"
