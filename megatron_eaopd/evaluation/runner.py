@@ -322,7 +322,9 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
     # problems so they are regenerated cleanly
     if samples_path.exists():
         with samples_path.open("w", encoding="utf-8") as f:
-            for key in complete:
+            for key in found:  # file order (a set would reorder the lines on every resume)
+                if key not in complete:
+                    continue
                 for i in sorted(found[key]):
                     f.write(json.dumps(found[key][i], ensure_ascii=False) + "\n")
 
