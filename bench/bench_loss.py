@@ -183,7 +183,7 @@ def _free_port() -> int:
 def run_one(method, dtype, tp, tokens, vocab, threads) -> dict:
     out = Path(f"/tmp/bench_loss_{os.getpid()}_{method}_{dtype}_{tp}.json")
     out.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "PYTHONWARNINGS": "ignore",
            "OMP_NUM_THREADS": str(max(1, threads // tp))}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp}", "--master-addr=127.0.0.1",
            f"--master-port={_free_port()}", str(Path(__file__).resolve()), "--worker", method, dtype,

@@ -170,6 +170,17 @@ class Trainer:
             return torch.float32
         return dt
 
+    def _parallel_overrides(self) -> dict:
+        """TransformerConfig overrides from the resolved layout (sequence parallel needs TE's norms)."""
+        from megatron_eaopd.models.provider import te_available
+
+        if self.layout.sequence_parallel and not te_available():
+            if self.cfg.parallel.sequence_parallel is True:
+                raise ConfigError("config error at parallel.sequence_parallel: true needs Transformer Engine "
+                                  "(pip install -e '.[gpu]'); use auto or false")
+            return {"sequence_parallel": False}
+        return {"sequence_parallel": self.layout.sequence_parallel}
+
     def _build_student(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -180,7 +191,7 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         src = cfg.student.checkpoint or cfg.student.hf_path
         dtype = self._model_dtype(cfg.student.dtype)
-        chunks, self.info = build_gpt_model(_assets_dir(src), params_dtype=dtype)
+        chunks, self.info = build_gpt_model(_assets_dir(src), params_dtype=dtype, **self._parallel_overrides())
         model = chunks[0]
         self.num_params = sum(p.numel() for p in model.parameters())
         mcfg = model.config
@@ -227,7 +238,7 @@ class Trainer:
         cfg = self.cfg
         src = cfg.teacher.checkpoint or cfg.teacher.hf_path
         chunks, tinfo = build_gpt_model(_assets_dir(src), params_dtype=self._model_dtype(cfg.teacher.dtype),
-                                        perform_initialization=False)
+                                        perform_initialization=False, **self._parallel_overrides())
         if tinfo.true_vocab_size != self.info.true_vocab_size or tinfo.padded_vocab_size != self.info.padded_vocab_size:
             raise ConfigError(
                 f"config error at teacher: the teacher's vocabulary ({tinfo.true_vocab_size}, padded "

@@ -48,7 +48,7 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, env: dict | None = 
         str(script), *args,
     ]
     result_dir = tempfile.mkdtemp(prefix="torchrun_results_")
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}:{SCRIPTS}", "PYTHONWARNINGS": "ignore",
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(SCRIPTS), os.environ.get("PYTHONPATH")])), "PYTHONWARNINGS": "ignore",
                 "RESULT_DIR": result_dir}
     full_env.update(env or {})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=ROOT)

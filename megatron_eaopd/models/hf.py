@@ -281,6 +281,7 @@ def hf_to_transformer_config(
     params_dtype: torch.dtype = torch.float32,
     on_gpu: bool | None = None,
     perform_initialization: bool = True,
+    use_te: bool | None = None,
     **overrides,
 ):
     """Build a megatron-core ``TransformerConfig`` for an HF config.
@@ -339,8 +340,17 @@ def hf_to_transformer_config(
         perform_initialization=perform_initialization,
         attention_softmax_in_fp32=True,
     )
-    if on_gpu:
+    if use_te is None:
+        from megatron_eaopd.models.provider import te_available
+
+        use_te = bool(on_gpu) and te_available()
+    if on_gpu and use_te:
         kw.update(sequence_parallel=tp > 1, use_cpu_initialization=False)
+    elif on_gpu:
+        # CUDA without Transformer Engine: parameters on the GPU, local spec; sequence parallel and the
+        # fused kernels need TE/Apex (the torch norm asserts under sequence parallel)
+        kw.update(sequence_parallel=False, use_cpu_initialization=False, masked_softmax_fusion=False,
+                  apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
     else:
         kw.update(
             sequence_parallel=False,

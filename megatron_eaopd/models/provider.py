@@ -161,7 +161,7 @@ def build_gpt_model(
         assets = p.parent if p.is_file() else p
     use_te = te_available() if use_te is None else use_te
     config, args = hf_to_transformer_config(
-        cfg_hf, tp=tp, pp=pp, params_dtype=params_dtype, on_gpu=use_te,
+        cfg_hf, tp=tp, pp=pp, params_dtype=params_dtype, on_gpu=torch.cuda.is_available(), use_te=use_te,
         perform_initialization=perform_initialization, **config_overrides,
     )
     if use_te:
