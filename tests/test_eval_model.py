@@ -81,6 +81,7 @@ def check_outputs(out: Path, stdout: str, n: int, ks: list[int], max_new: int, p
         assert "Please reason step by step" in r["prompt"]
         assert isinstance(r["text"], str) and isinstance(r["correct"], bool) and isinstance(r["truncated"], bool)
         assert 0 <= r["num_tokens"] <= max_new
+        assert not r["timed_out"] and r["error"] is None  # math-verify workers really graded it
         assert r["truncated"] == (r["num_tokens"] == max_new) or not r["truncated"]
         assert r["answer"] == next(g["answer"] for g in gold if g["id"] == r["id"])
     summary = json.loads((out / "summary.json").read_text())
@@ -137,7 +138,7 @@ def test_cli_pipeline_parallel_two_processes(tiny, gsm5, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_model", "k_gt_n", "tp_world", "hf_no_weights"])
-def test_cli_clear_errors(tiny, gsm5, tmp_path, case):
+def test_cli_clear_errors(tiny, gsm5, tmp_path, case, monkeypatch, capsys):
     model = str(tiny / "student")
     extra: list[str] = []
     if case == "missing":
@@ -154,11 +155,20 @@ def test_cli_clear_errors(tiny, gsm5, tmp_path, case):
         d.mkdir()
         (d / "config.json").write_text((tiny / "hf_student" / "config.json").read_text())
         model, needle = str(d), "no model weights"
-    p = evaluate("--model", model, "--benchmarks", str(gsm5), "--out", str(tmp_path / "o"), *extra)
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert "error:" in p.stderr and needle in p.stderr, p.stderr[-2000:]
+    # in-process: each of these fails before any process group or model is built
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", EVAL)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    rc = cli.main(["--model", model, "--benchmarks", str(gsm5), "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "error:" in err and needle in err, err[-2000:]
     if case in ("missing", "not_a_model"):
-        assert model in p.stderr
+        assert model in err
 
 
 VALIDATION_SCRIPT = textwrap.dedent("""
@@ -169,23 +179,30 @@ VALIDATION_SCRIPT = textwrap.dedent("""
     from megatron_eaopd.evaluation.model_generator import load_eval_model, setup_eval_parallel
     from megatron_eaopd.evaluation.validation import run_validation
 
-    model_dir, data, out, res_dir, tp = sys.argv[1:6]
-    setup_eval_parallel(int(tp), 1)
-    lm = load_eval_model(model_dir)
-    for c in lm.chunks:
-        c.train()
-    cfg = EvalConfig(interval=2, files=[data], n=2, k=[1, 2], limit=3, max_new_tokens=6)
-    m1 = run_validation(lm.chunks, lm.tokenizer, cfg, 4, Path(out), lm.eos_ids, False)
-    m2 = run_validation(lm.chunks, lm.tokenizer, cfg, 6, Path(out), lm.eos_ids, False)
-    try:
-        run_validation(lm.chunks, lm.tokenizer, cfg.model_copy(update={"files": [data + ".missing"]}), 8, Path(out),
-                       lm.eos_ids, False)
-        err = None
-    except Exception as e:
-        err = type(e).__name__ + ": " + str(e)
-    rank = dist.get_rank()
-    Path(res_dir, f"rank{rank}.json").write_text(json.dumps(
-        {"m1": m1, "m2": m2, "training": [c.training for c in lm.chunks], "err": err}))
+
+    def main():
+        model_dir, data, out, res_dir, tp = sys.argv[1:6]
+        setup_eval_parallel(int(tp), 1)
+        lm = load_eval_model(model_dir)
+        for c in lm.chunks:
+            c.train()
+        cfg = EvalConfig(interval=2, files=[data], n=2, k=[1, 2], limit=3, max_new_tokens=6)
+        m1 = run_validation(lm.chunks, lm.tokenizer, cfg, 4, Path(out), lm.eos_ids, False)
+        m2 = run_validation(lm.chunks, lm.tokenizer, cfg, 6, Path(out), lm.eos_ids, False)
+        try:
+            run_validation(lm.chunks, lm.tokenizer, cfg.model_copy(update={"files": [data + ".missing"]}), 8, Path(out),
+                           lm.eos_ids, False)
+            err = None
+        except Exception as e:
+            err = type(e).__name__ + ": " + str(e)
+        rank = dist.get_rank()
+        Path(res_dir, f"rank{rank}.json").write_text(json.dumps(
+            {"m1": m1, "m2": m2, "training": [c.training for c in lm.chunks], "err": err}))
+
+
+
+    if __name__ == "__main__":  # GradingPool's forkserver re-imports __main__
+        main()
 """)
 
 
@@ -201,9 +218,10 @@ def test_run_validation_tp2_identical_on_every_rank(tiny, gsm5, tmp_path):
     _ok(p)
     r0, r1 = (json.loads((res / f"rank{r}.json").read_text()) for r in (0, 1))
     keys = {f"val/{b}/{m}" for b in ("gsm8k5", "mean")
-            for m in ("avg@2", "pass@1", "pass@2", "mean_length", "truncation_rate")} | {"val/seconds"}
+            for m in ("avg@2", "pass@1", "pass@2", "mean_length", "truncation_rate")} | {"val/seconds", "val/grading_timeouts"}
     assert set(r0["m1"]) == keys
     assert all(math.isfinite(v) for v in r0["m1"].values())
+    assert r0["m1"]["val/grading_timeouts"] == 0  # graders really ran (a hung worker times out)
     assert r0["m1"] == r1["m1"] and r0["m2"] == r1["m2"]  # broadcast from rank 0
     assert 0 < r0["m1"]["val/gsm8k5/mean_length"] <= 6
     assert r0["training"] == [True] and r1["training"] == [True]  # train mode restored

@@ -12,7 +12,11 @@ Metrics (percent, as in the paper's tables; ``<bench>`` = file stem, n = ``eval.
 
     val/<bench>/avg@<n>   val/<bench>/pass@<k> (each k)   val/<bench>/mean_length   val/<bench>/truncation_rate
     val/mean/avg@<n>      val/mean/pass@<k>               val/mean/mean_length      val/mean/truncation_rate
-    val/seconds
+    val/seconds           val/grading_timeouts
+
+Grading runs in a forkserver ``GradingPool`` on rank 0: the launching script must guard its entry
+point with ``if __name__ == "__main__":`` (``python -m megatron_eaopd.train`` does), otherwise every
+grading worker re-runs the script and each sample times out (reported in ``val/grading_timeouts``).
 
 Source: method.md "Evaluation" (Avg@n, unbiased pass@k, unweighted mean over benchmarks).
 """
@@ -35,7 +39,8 @@ def flatten_summary(summary: dict, prefix: str = "val") -> dict[str, float]:
 
     Args: summary: from :func:`~megatron_eaopd.evaluation.runner.run_evaluation`; prefix: key prefix.
     Returns: flat ``{str: float}`` with Avg@n, every pass@k, mean_length and truncation_rate per
-        benchmark and for the unweighted ``mean``.
+        benchmark and for the unweighted ``mean``, plus ``<prefix>/grading_timeouts`` (samples whose
+        math-verify grading timed out, counted wrong).
     Raises: KeyError on a malformed summary.
     """
     n = summary["config"]["n"]
@@ -46,6 +51,7 @@ def flatten_summary(summary: dict, prefix: str = "val") -> dict[str, float]:
     for name, m in list(summary["benchmarks"].items()) + [("mean", summary["mean"])]:
         for src, dst in keys:
             out[f"{prefix}/{name}/{dst}"] = float(m[src])
+    out[f"{prefix}/grading_timeouts"] = float(sum(m.get("timeouts", 0) for m in summary["benchmarks"].values()))
     return out
 
 
