@@ -127,13 +127,17 @@ def test_cli_hf_folder_with_chat_template(tiny, gsm5, tmp_path):
     assert all(r["prompt"].startswith("<|im_start|>") and r["prompt"].endswith("<|im_start|>assistant\n") for r in recs)
 
 
-def test_cli_pipeline_parallel_two_processes(tiny, gsm5, tmp_path):
-    """PP=2 under torchrun (4-layer teacher saved at PP=1, resharded on load); sample_with_recompute."""
-    out = tmp_path / "pp2"
-    p = evaluate("--model", str(tiny / "teacher"), "--pp", "2", "--benchmarks", str(gsm5), "--num-samples", "2",
+@pytest.mark.parametrize("layout", ["pp2", "dp2"])
+def test_cli_two_processes(tiny, gsm5, tmp_path, layout):
+    """torchrun with 2 ranks: PP=2 (4-layer teacher saved at PP=1, resharded on load; sample_with_recompute)
+    or DP=2 (the replicas split the 5 problems 3/2; rank 0 gathers, grades and writes)."""
+    out = tmp_path / layout
+    model, extra = (tiny / "teacher", ["--pp", "2"]) if layout == "pp2" else (tiny / "student", [])
+    p = evaluate("--model", str(model), *extra, "--benchmarks", str(gsm5), "--num-samples", "2",
                  "--k", "1", "2", "--max-new-tokens", "6", "--out", str(out), "--no-progress", nproc=2)
     _ok(p)
-    check_outputs(out, p.stdout, 2, [1, 2], 6)
+    recs = check_outputs(out, p.stdout, 2, [1, 2], 6)
+    assert [r["id"] for r in recs[::2]] == [json.loads(x)["id"] for x in GSM8K.read_text().splitlines()[:5]]
     assert p.stdout.count("| benchmark |") == 1  # rank 0 alone prints and writes
 
 
@@ -234,3 +238,21 @@ def test_run_validation_tp2_identical_on_every_rank(tiny, gsm5, tmp_path):
         assert (d / "summary.json").is_file() and (d / "table.md").is_file()
     assert r0["err"].startswith("FileNotFoundError") and r1["err"].startswith("RuntimeError")
     assert "failed on rank 0" in r1["err"]
+
+
+def test_split_and_flatten_units():
+    from megatron_eaopd.evaluation.model_generator import _split
+    from megatron_eaopd.evaluation.validation import flatten_summary
+
+    for n in range(0, 12):
+        for parts in (1, 2, 3, 5):
+            shares = [_split(n, parts, i) for i in range(parts)]
+            assert shares[0][0] == 0 and shares[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+            assert max(e - s for s, e in shares) - min(e - s for s, e in shares) <= 1
+    m = {"avg": 25.0, "pass@1": 25.0, "pass@4": 50.0, "mean_length": 10.0, "truncation_rate": 5.0, "timeouts": 1}
+    flat = flatten_summary({"config": {"n": 4, "ks": [1, 4]}, "benchmarks": {"a": m, "b": {**m, "avg": 75.0}},
+                            "mean": {**m, "avg": 50.0}})
+    assert flat["val/a/avg@4"] == 25.0 and flat["val/b/avg@4"] == 75.0 and flat["val/mean/avg@4"] == 50.0
+    assert flat["val/mean/pass@4"] == 50.0 and flat["val/grading_timeouts"] == 2.0
+    assert len(flat) == 3 * 5 + 1
