@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_eaopd.evaluation.runner import (  # noqa: E402
     STANDARD_BENCHMARKS,
     EvalConfig,
-    Generator,
     ReplayGenerator,
     resolve_benchmarks,
     run_evaluation,
