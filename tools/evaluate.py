@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["auto", "static", "dynamic"], default="auto",
                    help="inference engine at PP=1 (auto: dynamic on GPU, static on CPU); PP>1 recomputes")
     p.add_argument("--max-batch-size", type=int, default=None,
-                   help="sequences (problems x n) per engine batch (default: all of a --batch-problems call)")
+                   help="sequences (problems x n) per engine batch (default: all of a --batch-problems call); the "
+                        "static engine preallocates a KV cache of this many x (prompt + max new tokens) positions, "
+                        "so set it on CPU with long generations")
     p.add_argument("--kv-buffer-gb", type=float, default=20.0, help="dynamic engine KV-cache buffer (GPU)")
     p.add_argument("--grading-workers", type=int, default=2)
     p.add_argument("--grading-timeout", type=float, default=10.0, help="seconds per sample")
