@@ -499,6 +499,8 @@ class Trainer:
                 bad = [k for k in ("loss", "rkl_term") if not math.isfinite(metrics[k])]
                 if bad:
                     raise FloatingPointError(f"iteration {it}: non-finite {bad} ({metrics}); stopping before it is saved")
+                if cfg.eval.interval and it % cfg.eval.interval == 0:
+                    metrics.update(self.validate(it))
                 self.logger.log(it, metrics)
                 last = metrics
                 if cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
@@ -519,6 +521,13 @@ class Trainer:
             if self._grader is not None:
                 self._grader.close()
         return {"iteration": it, "preempted": False, **last}
+
+    def validate(self, iteration: int) -> dict:
+        """Avg@n / Pass@k of the current student on the held-out ``eval`` files (collective)."""
+        from megatron_eaopd.evaluation.validation import run_validation
+
+        return run_validation(self.student, self.tokenizer, self.cfg.eval, iteration, self.run_dir / "eval", self.eos_ids,
+                              self.cfg.data.chat_template, rollout=getattr(self, "_rollout", None))
 
     def export_hf(self) -> Path:
         """Export the final checkpoint to Hugging Face format under ``<run_dir>/hf_student``.
