@@ -543,9 +543,11 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         if is_rank0():
-            env = {k: v for k, v in os.environ.items()
-                   if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-                                "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+            # a clean world of one: no torchrun/SLURM rank variables (TORCHELASTIC_USE_AGENT_STORE would make
+            # it connect to the launcher's store as a client and wait for a server that never answers)
+            launcher_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                             "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"}
+            env = {k: v for k, v in os.environ.items() if k not in launcher_vars and not k.startswith("TORCHELASTIC_")}
             code = ("import sys; from megatron_eaopd.models.convert import export_hf; "
                     "export_hf(sys.argv[1], sys.argv[2], progress=False)")
             proc = subprocess.run([sys.executable, "-c", code, str(self.ckpt_dir), str(out)], env=env,
