@@ -117,6 +117,8 @@ def main(argv=None) -> int:
     ]
     if a.nproc == 2 and a.layout == "pp":
         ov.append("parallel.pp=2")
+    elif a.nproc == 2:  # DP=2: each rank takes 2 of the 4 prompts, one sequence per micro-batch
+        ov.append("train.micro_batch_size=1")
     if a.iterations:
         ov.append(f"train.iterations={a.iterations}")
     ov += a.overrides
