@@ -139,7 +139,12 @@ class PromptRecord:
     input_ids: list[int] = field(default_factory=list)
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file.
+
+    Raises:
+        DataError: a line that is not valid JSON or not a JSON object (names the file and line).
+    """
     with path.open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -199,7 +204,7 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
     elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {path}")
-        rows = _read_parquet(path) if path.suffix.lower() == ".parquet" else _read_jsonl(path)
+        rows = _read_parquet(path) if path.suffix.lower() == ".parquet" else read_jsonl(path)
         src = str(path)
     elif "/" in s and not s.startswith((".", "/")):
         rows, src = _read_hf(s, split), s

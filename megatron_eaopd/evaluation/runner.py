@@ -22,7 +22,16 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from tqdm.auto import tqdm
 
-from megatron_eaopd.data import PROMPT_SUFFIX, PROMPT_SEPARATOR, DataError, FieldMap, PromptRecord, build_prompt, load_records
+from megatron_eaopd.data import (
+    PROMPT_SEPARATOR,
+    PROMPT_SUFFIX,
+    DataError,
+    FieldMap,
+    PromptRecord,
+    build_prompt,
+    load_records,
+    read_jsonl,
+)
 from megatron_eaopd.evaluation.grading import GradingPool
 from megatron_eaopd.evaluation.metrics import benchmark_metrics, mean_over_benchmarks
 
@@ -138,18 +147,11 @@ class ReplayGenerator(ScriptedGenerator):
         if not path.is_file():
             raise FileNotFoundError(f"replay file not found: {path}")
         groups: dict[str, list[tuple[int, dict]]] = defaultdict(list)
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from e
-                key = rec.get("prompt", rec.get("problem"))
-                if key is None or "text" not in rec:
-                    raise DataError(f"{path}:{lineno}: replay records need 'prompt' (or 'problem') and 'text'")
-                groups[key].append((int(rec.get("sample", len(groups[key]))), rec))
+        for lineno, rec in read_jsonl(path):
+            key = rec.get("prompt", rec.get("problem"))
+            if key is None or "text" not in rec:
+                raise DataError(f"{path}:{lineno}: replay records need 'prompt' (or 'problem') and 'text'")
+            groups[key].append((int(rec.get("sample", len(groups[key]))), rec))
         if not groups:
             raise DataError(f"replay file {path} is empty")
         super().__init__({k: [r for _, r in sorted(v, key=lambda t: t[0])] for k, v in groups.items()})
