@@ -20,6 +20,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The workspace's shared data (beside the checkout, as CI lays it out); tests only, never the product.
+SHARED_DATA = next((p for p in (ROOT.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()),
+                   ROOT.parent / "shared" / "data")
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
 # torchrun scripts double as importable modules for the in-process (TP = 1) variants of their checks
 sys.path.insert(0, str(SCRIPTS))

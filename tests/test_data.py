@@ -21,7 +21,7 @@ from megatron_eaopd.data import (
     load_records,
 )
 
-SHARED = Path("/work/shared/data")
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 
 
 class FakeTokenizer:

@@ -21,7 +21,9 @@ import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k_test.jsonl"
+from conftest import SHARED_DATA  # noqa: E402
+
+GSM8K = SHARED_DATA / "gsm8k_test.jsonl"
 EVAL = ROOT / "tools" / "evaluate.py"
 
 

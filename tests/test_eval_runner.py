@@ -21,7 +21,7 @@ from megatron_eaopd.evaluation.runner import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path("/work/shared/data")
+from conftest import SHARED_DATA as SHARED  # noqa: E402
 
 
 def _write(path: Path, rows) -> Path:
