@@ -55,16 +55,21 @@ def test_pure_selection_functions():
     if not CUDA:
         assert te_available() is False
     cfg2 = {**TINY, "num_attention_heads": 4, "num_key_value_heads": 2}
-    gpu_tp2, _ = hf_to_transformer_config(cfg2, tp=2, on_gpu=True, params_dtype=torch.bfloat16)
+    gpu_tp2, _ = hf_to_transformer_config(cfg2, tp=2, on_gpu=True, use_te=True, params_dtype=torch.bfloat16)
     assert gpu_tp2.sequence_parallel is True and gpu_tp2.use_cpu_initialization is False and gpu_tp2.bf16
-    gpu_tp1, _ = hf_to_transformer_config(cfg2, tp=1, on_gpu=True)
+    # CUDA without Transformer Engine: parameters on the GPU, but no sequence parallel / TE fusions
+    gpu_no_te, _ = hf_to_transformer_config(cfg2, tp=2, on_gpu=True, use_te=False, params_dtype=torch.bfloat16)
+    assert gpu_no_te.sequence_parallel is False and gpu_no_te.use_cpu_initialization is False
+    assert not any(getattr(gpu_no_te, k) for k in ("masked_softmax_fusion", "apply_rope_fusion",
+                                                    "gradient_accumulation_fusion", "persist_layer_norm"))
+    gpu_tp1, _ = hf_to_transformer_config(cfg2, tp=1, on_gpu=True, use_te=True)
     assert gpu_tp1.sequence_parallel is False
     cpu_tp2, _ = hf_to_transformer_config(cfg2, tp=2, on_gpu=False)
     assert cpu_tp2.sequence_parallel is False and cpu_tp2.use_cpu_initialization is True
     assert not any(getattr(cpu_tp2, k) for k in ("bias_activation_fusion", "masked_softmax_fusion", "apply_rope_fusion",
                                                   "gradient_accumulation_fusion", "persist_layer_norm"))
     default, _ = hf_to_transformer_config(cfg2, tp=2)  # on_gpu defaults to torch.cuda.is_available()
-    assert default.sequence_parallel is CUDA
+    assert default.sequence_parallel is (CUDA and te_available())
 
     c = load_config(data={"student": {"hf_path": "s"}, "teacher": {"hf_path": "t"}, "data": {"train_files": ["x.jsonl"]},
                           "parallel": {"tp": 2}, "train": {"prompts_per_iteration": 8, "micro_batch_size": 1,
@@ -227,8 +232,7 @@ def test_gpu_default_build_selects_gpu_path(mp1):
     chunks, info = build_gpt_model(TINY, params_dtype=torch.bfloat16)
     sel = bgt.selection_report(chunks[0], info)
     assert sel["param_device"] == "cuda", (
-        "build_gpt_model left the parameters on the host on a CUDA machine (provider passes on_gpu=use_te, so "
-        f"without Transformer Engine it takes the CPU settings, use_cpu_initialization=True): {sel}")
+        f"build_gpt_model left the parameters on the host on a CUDA machine: {sel}")
     assert sel["params_dtype"] == "bfloat16" and sel["bf16"]
     assert sel["spec"] == ("transformer_engine" if te_available() else "local") and sel["info_use_te"] == te_available()
     assert sel["sequence_parallel"] is False  # TP = 1 here; TP > 1 is checked function-level below
@@ -261,9 +265,9 @@ def test_gpu_sequence_parallel_selected_when_tp_gt_1(mp1):
     from megatron_eaopd.models.provider import te_available
 
     te = te_available()
-    cfg_tp2, _ = hf_to_transformer_config(TINY, tp=2, on_gpu=te)  # what build_gpt_model passes (on_gpu=use_te)
-    assert cfg_tp2.sequence_parallel is te
-    cfg_tp1, _ = hf_to_transformer_config(TINY, tp=1, on_gpu=te)
+    cfg_tp2, _ = hf_to_transformer_config(TINY, tp=2, on_gpu=True, use_te=te)  # what build_gpt_model passes
+    assert cfg_tp2.sequence_parallel is te and cfg_tp2.use_cpu_initialization is False
+    cfg_tp1, _ = hf_to_transformer_config(TINY, tp=1, on_gpu=True, use_te=te)
     assert cfg_tp1.sequence_parallel is False
 
 
