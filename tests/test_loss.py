@@ -192,8 +192,9 @@ def test_finite_with_minus_inf_large_logits_and_bf16(dtype):
     student, teacher, target, old, mask = _batch(b=2, s=4, v=151936 // 8, seed=5, dtype=dtype)
     student = student.float()
     teacher = teacher.float()
-    student[0, 1, 100:200] = float("-inf")
+    student[0, 1, 100:400] = float("-inf")  # same zero-probability support: both KLs stay finite
     teacher[0, 1, 100:400] = float("-inf")
+    teacher[0, 2, 500:900] = float("-inf")  # teacher-only zeros: fine for topk mode (target is finite)
     teacher[1, 2, :] = -60.0
     teacher[1, 2, 7] = 60.0
     student[1, 3, 5] = 60.0
@@ -204,11 +205,28 @@ def test_finite_with_minus_inf_large_logits_and_bf16(dtype):
         for support in ("renormalize", "raw", "tail"):
             cfg = EOPDConfig(mode=mode, top_k=16, fkl_support=support, tau=0.1)
             x = student.clone().requires_grad_(True)
-            loss, _, m = _loss(x, teacher, target, old, mask, cfg)
+            t_in = teacher.clone()
+            if mode == "full":
+                t_in[0, 2, 500:900] = teacher[0, 2, 500:900].masked_fill(torch.ones(400, dtype=torch.bool), 0.0)
+            loss, _, m = _loss(x, t_in, target, old, mask, cfg)
             loss.backward()
             assert torch.isfinite(loss), (mode, support)
             assert bool(torch.isfinite(x.grad).all()), (mode, support)
             assert all(bool(torch.isfinite(t)) for t in m.values()), (mode, support, m)
+    # student mass where the teacher has none: KL(student || teacher) is +inf, never a huge finite number
+    kpq, kqp, _, _ = vocab_parallel_kl_pair(student[0:1, 2:3].float(), teacher[0:1, 2:3].float())
+    assert float(kpq) == float("inf") and math.isfinite(float(kqp))
+    # a teacher with fewer finite logits than k: empty top-k slots are (-inf, id 0), never padded ids
+    few = torch.full((1, 1, 8), float("-inf"))
+    few[..., :3] = torch.tensor([1.0, 2.0, 3.0])
+    tv, ti = vocab_parallel_topk(few, 4, vocab_size=6)
+    assert tv[0, 0, 3] == float("-inf") and int(ti[0, 0, 3]) == 0 and int(ti.max()) < 6
+    for support in ("renormalize", "raw", "tail"):
+        cfg = EOPDConfig(top_k=4, fkl_support=support, tau=0.0, vocab_size=6)
+        st = torch.randn(1, 1, 8).requires_grad_(True)
+        loss, _, m = _loss(st, few, torch.tensor([[2]]), torch.tensor([[-1.0]]), torch.ones(1, 1), cfg)
+        loss.backward()
+        assert torch.isfinite(loss) and bool(torch.isfinite(st.grad).all()), support
     # exactness of the fp32 sums at the 151,936 vocabulary (bf16 in)
     big = (torch.randn(3, 151936, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
     h = vocab_parallel_entropy(big)
@@ -338,8 +356,14 @@ def test_clear_errors():
         eopd_loss(bad, sig, old, mask, cfg)
     bad_old = old.clone()
     bad_old[1, 4] = float("nan")
-    with pytest.raises(ValueError, match=r"old_log_probs contains NaN at a valid \(loss_mask=1\) position \(1, 4\)"):
+    with pytest.raises(ValueError, match=r"old_log_probs contains NaN or inf at a valid \(loss_mask=1\) position \(1, 4\)"):
         eopd_loss(student, sig, bad_old, mask, cfg)
+    inf_old = old.clone()
+    inf_old[2, 2] = float("-inf")
+    with pytest.raises(ValueError, match=r"old_log_probs contains NaN or inf at a valid \(loss_mask=1\) position \(2, 2\)"):
+        eopd_loss(student, sig, inf_old, mask, cfg)
+    with pytest.raises(ValueError, match="loss_mask must hold 0/1 values"):
+        eopd_loss(student, sig, old, mask * 0.5, cfg)
     with pytest.raises(ValueError, match="vocab_size=65 does not fit"):
         vocab_parallel_entropy(student, vocab_size=65)
     with pytest.raises(ValueError, match="mode='full' needs the teacher logits"):

@@ -226,17 +226,20 @@ def _topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> to
         lq = torch.log_softmax(t, dim=-1) if support == "renormalize" else t
         finite = torch.isfinite(lq)  # -inf teacher entries have q = 0 and contribute exactly 0 (no 0 * inf)
         return torch.where(finite, lq.exp() * (torch.where(finite, lq, 0.0) - s), 0.0).sum(-1)
-    # tail: K buckets plus one bucket with the rest of the mass of each distribution. The student's rest
-    # mass 1 - sum_K p is floored at _TAIL_FLOOR: below that it is fp32 rounding noise of the log-probs.
+    # tail: the top-k entries the teacher gives mass to, plus one bucket with the rest of the mass of each
+    # distribution (top-k slots with zero teacher probability belong to the rest). The student's rest
+    # mass 1 - sum p is floored at _TAIL_FLOOR: below that it is fp32 rounding noise of the log-probs.
+    valid = torch.isfinite(t)
+    s_in = torch.where(valid, s, float("-inf"))
     lq_rest = _log1mexp(torch.logsumexp(t, dim=-1, keepdim=True))
-    lp_rest = _log1mexp(torch.logsumexp(s, dim=-1, keepdim=True)).clamp(min=math.log(_TAIL_FLOOR))
-    lq = torch.cat([t, lq_rest], dim=-1)
-    lp = torch.cat([s, lp_rest], dim=-1)
-    q = lq.exp()
-    d = lp - lq
-    finite = torch.isfinite(lq)
-    d = torch.where(finite, d, torch.zeros_like(d))
-    term = torch.where(finite, q * (torch.expm1(d) - d), lp.exp())  # q_i = 0: the KL charges p_i there
+    lp_rest = _log1mexp(torch.logsumexp(s_in, dim=-1, keepdim=True)).clamp(min=math.log(_TAIL_FLOOR))
+    lq = torch.cat([torch.where(valid, t, 0.0), lq_rest], dim=-1)
+    lp = torch.cat([torch.where(valid, s, 0.0), lp_rest], dim=-1)
+    keep = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
+    q_pos = keep & torch.isfinite(lq)
+    d = torch.where(q_pos, lp - lq, 0.0)
+    # each term >= 0: q (e^d - 1 - d) where q > 0; where q = 0 (only the rest bucket) the KL charges p
+    term = torch.where(q_pos, lq.exp() * (torch.expm1(d) - d), torch.where(keep, lp.exp(), 0.0))
     return term.sum(-1)
 
 
@@ -289,7 +292,9 @@ def eopd_loss(
         raise ValueError(f"sig carries top-{k} teacher ids but EOPDConfig.top_k={cfg.top_k}; recompute teacher_signals")
     mask = loss_mask.to(torch.float32)
     valid = mask > 0
-    _check_finite("old_log_probs", old_log_probs, valid)
+    _check_finite("old_log_probs", old_log_probs, valid, allow_inf=False)
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("loss_mask must hold 0/1 values (bool or float); weighted masks would break the token mean")
     _check_finite("sig.target_log_probs", sig.target_log_probs, valid)
     _check_finite("sig.entropy", sig.entropy, valid)
     _check_finite("sig.topk_log_probs", sig.topk_log_probs, valid.unsqueeze(-1))
@@ -358,9 +363,12 @@ def eopd_loss(
     return loss_sum, num_tokens, metrics
 
 
-def _check_finite(name: str, t: torch.Tensor, valid: torch.Tensor) -> None:
-    """Raise if ``t`` holds NaN where ``valid`` (broadcast) is true; -inf is allowed (zero probability)."""
-    bad = torch.isnan(t) & valid
+def _check_finite(name: str, t: torch.Tensor, valid: torch.Tensor, allow_inf: bool = True) -> None:
+    """Raise if ``t`` holds NaN (or, with ``allow_inf=False``, +-inf) where ``valid`` (broadcast) is true.
+
+    -inf log-probs are allowed by default (zero probability)."""
+    bad = (torch.isnan(t) if allow_inf else ~torch.isfinite(t)) & valid
     if bool(bad.any()):
         idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        raise ValueError(f"{name} contains NaN at a valid (loss_mask=1) position {idx} ({int(bad.sum())} in total)")
+        what = "NaN" if allow_inf else "NaN or inf"
+        raise ValueError(f"{name} contains {what} at a valid (loss_mask=1) position {idx} ({int(bad.sum())} in total)")

@@ -290,6 +290,14 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
 
     safe = _two_phase(sh, n_rows, run_chunk)
     _raise_bad(bad, name, sh, shape if shape is not None else x.shape)
+    # zero-probability entries (-inf or padded logits, held as _FILL inside the pass) leave as -inf, never
+    # as a huge finite number; a top-k slot beyond the row's finite entries gets id 0 and log-prob -inf
+    if gathered is not None:
+        gathered.masked_fill_(gathered <= _FILL / 2, float("-inf"))
+    if topk:
+        empty = top_v <= _FILL / 2
+        top_v.masked_fill_(empty, float("-inf"))
+        top_i.masked_fill_(empty, 0)
     return m_all, log_s, ent, gathered, (top_v, top_i), safe
 
 
@@ -415,6 +423,10 @@ class _KLPair(torch.autograd.Function):
         safe = _two_phase(sh, n_rows, run_chunk)
         _raise_bad(bad_p, "p_logits", sh, shape)
         _raise_bad(bad_q, "q_logits", sh, shape)
+        # mass where the other side has zero probability (a _FILL logit) makes the KL infinite: say so
+        out[:2].masked_fill_(out[:2] > -_FILL / 1e3, float("inf"))
+        if k:
+            logp_ids.masked_fill_(logp_ids <= _FILL / 2, float("-inf"))
         # an infinite KL (p > 0 where q = 0) has no usable gradient; keep backward NaN-free for masked rows
         ctx.save_for_backward(xp, xq, torch.nan_to_num(out, posinf=0.0, neginf=0.0))
         ctx.sh, ctx.safe = sh, safe
