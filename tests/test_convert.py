@@ -238,3 +238,35 @@ def test_smollm2_convert_verify_and_greedy(smollm2, torchrun):
     res = torchrun("models_greedy.py", 1, str(hf), str(ckpt), "16")[0][0]
     assert res["megatron_tokens"] == res["hf_tokens"], res
     assert len(res["hf_tokens"]) == 16
+
+
+def test_converter_refuses_destructive_targets(tmp_path):
+    """Review finding: export --out must never delete unrelated data or the checkpoint; import must not
+    move a training run's 'latest' back to iteration 0."""
+    from megatron_eaopd.models.convert import _check_export_target, _check_import_target
+
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000004").mkdir(parents=True)
+    (ckpt / "iter_0000004" / "eaopd_checkpoint.json").write_text(json.dumps({"kind": "training"}))
+    (ckpt / "latest").write_text("iter_0000004\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "important.txt").write_text("precious")
+    with pytest.raises(ValueError, match="is \\(or contains\\) the checkpoint being exported"):
+        _check_export_target(ckpt, ckpt)
+    with pytest.raises(ValueError, match="is \\(or contains\\) the checkpoint being exported"):
+        _check_export_target(ckpt / "iter_0000004", ckpt)
+    with pytest.raises(ValueError, match="not a previous Hugging Face export"):
+        _check_export_target(ckpt, home)
+    with pytest.raises(ValueError, match="holds a Megatron checkpoint"):
+        _check_export_target(tmp_path / "elsewhere", ckpt)
+    prev = tmp_path / "prev_export"
+    prev.mkdir()
+    (prev / "config.json").write_text("{}")
+    (prev / "model.safetensors").write_text("")
+    _check_export_target(ckpt, prev)  # re-export over a previous export is fine
+    _check_export_target(ckpt, tmp_path / "new")  # as is a new folder
+    with pytest.raises(ValueError, match="holds training checkpoints \\(iter_0000004\\)"):
+        _check_import_target(ckpt)
+    _check_import_target(tmp_path / "fresh")
+    assert (home / "important.txt").read_text() == "precious"

@@ -276,6 +276,40 @@ def _setup(tp: int, pp: int):
     seed_model_rng(1234)
 
 
+def _check_export_target(ckpt: Path, out: Path) -> None:
+    """Refuse an export target that would destroy data: the checkpoint itself (or a folder holding it),
+    a Megatron checkpoint, or a non-empty folder that is not a previous Hugging Face export."""
+    ck, o = Path(ckpt).resolve(), Path(out).resolve()
+    if o == ck or o in ck.parents:
+        raise ValueError(f"--out {out} is (or contains) the checkpoint being exported ({ckpt}); choose a new folder")
+    if o.is_file():
+        raise ValueError(f"--out {out} is a file; give a folder path")
+    if o.is_dir() and any(o.iterdir()):
+        names = {p.name for p in o.iterdir()}
+        if "latest" in names or any(n.startswith("iter_") for n in names):
+            raise ValueError(f"--out {out} holds a Megatron checkpoint; refusing to replace it with an HF export")
+        if "config.json" not in names or not any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
+            raise ValueError(f"--out {out} is a non-empty folder that is not a previous Hugging Face export; "
+                             f"choose an empty or new folder (nothing was written)")
+
+
+def _check_import_target(out: Path) -> None:
+    """Refuse to write a converted model (iteration 0) into a training run's checkpoint folder."""
+    from megatron_eaopd.checkpoint import LATEST, META_FILE
+
+    o = Path(out)
+    if not (o / LATEST).is_file():
+        if o.is_dir() and any(p.name.startswith("iter_") for p in o.iterdir()):
+            raise ValueError(f"--out {out} already holds checkpoints; choose a new folder")
+        return
+    for d in o.glob("iter_*"):
+        meta = d / META_FILE
+        kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
+        if d.name != "iter_0000000" or kind == "training":
+            raise ValueError(f"--out {out} holds training checkpoints ({d.name}); importing would move its 'latest' "
+                             f"to iteration 0. Choose a new folder")
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
               tp: int = 1, pp: int = 1, verify: bool = False, atol: float = 1e-3, progress: bool = True) -> dict:
     """Convert an HF folder to a Megatron torch_dist checkpoint (iteration 0) under ``out``.
@@ -300,6 +334,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
 
     t0 = time.perf_counter()
     files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
+    _check_import_target(Path(out))
     args = hf_to_gpt_args(hf_dir)
     dt = parse_dtype(dtype, args.source_dtype or torch.bfloat16)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -413,6 +448,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     assets = src / ASSETS_DIR
     if not (assets / "config.json").is_file():
         raise FileNotFoundError(f"{assets}/config.json is missing; this checkpoint cannot be exported without its HF config")
+    _check_export_target(Path(ckpt), Path(out))
     stored = parse_dtype(meta.get("dtype"), torch.bfloat16)
     out_dtype = parse_dtype(dtype, stored)
     _setup(1, 1)
