@@ -73,7 +73,14 @@ class MetricsLogger:
             return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a") if jsonl else None
+        path = self.run_dir / "metrics.jsonl"
+        if jsonl and path.exists():  # a resumed run: drop rows logged after the checkpoint it resumes from
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("iteration", 0) <= start_iteration]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.jsonl = open(path, "a") if jsonl else None
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

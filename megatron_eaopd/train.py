@@ -26,10 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_eaopd.distributed import destroy
     from megatron_eaopd.trainer import train
 
+    from megatron_eaopd.data import DataError
+
     try:
         train(cfg)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         destroy()

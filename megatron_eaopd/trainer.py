@@ -108,6 +108,10 @@ class Trainer:
                 f"config error at parallel.teacher_tp/teacher_pp: a teacher layout ({layout.teacher_tp}x{layout.teacher_pp}) "
                 f"different from the student's ({layout.tp}x{layout.pp}) is not supported yet; leave them unset"
             )
+        if cfg.loss.mode == "full" and cfg.teacher.offload:
+            raise ConfigError("config error at teacher.offload: mode 'full' runs the teacher inside every student "
+                              "micro-batch step, so its weights cannot be offloaded between phases; set it to false")
+        self._check_paths()
         if cfg.loss.mode == "full" and layout.pp > 1:
             raise ConfigError("config error at loss.mode: 'full' needs the teacher logits in the student's micro-batch "
                               "step, supported at parallel.pp=1 only; use mode=topk with pipeline parallelism")
@@ -143,6 +147,19 @@ class Trainer:
             f"{len(self.dataset)} prompts ({self.dataset.num_skipped} skipped as longer than {cfg.data.max_prompt_tokens} tokens) | "
             f"{self.total_iterations} iterations x {cfg.train.mini_batches} optimizer steps | run dir {self.run_dir}"
         )
+
+    def _check_paths(self) -> None:
+        """Model and data paths must exist before anything heavy starts (clear errors, no tracebacks)."""
+        cfg = self.cfg
+        for key, value in (("student.checkpoint", cfg.student.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint),
+                           ("student.hf_path", cfg.student.hf_path), ("teacher.hf_path", cfg.teacher.hf_path),
+                           ("student.tokenizer", cfg.student.tokenizer), ("teacher.tokenizer", cfg.teacher.tokenizer)):
+            if value and not Path(value).exists():
+                raise ConfigError(f"config error at {key}: {value!r} does not exist (relative paths resolve against "
+                                  f"{Path.cwd()}); convert the model first with tools/convert_hf.py import")
+        for f in cfg.data.train_files:
+            if "://" not in f and not Path(f).exists() and (os.sep in f or f.endswith((".jsonl", ".parquet", ".json"))):
+                raise ConfigError(f"config error at data.train_files: {f!r} does not exist")
 
     def _build_tokenizer_and_data(self) -> None:
         from transformers import AutoTokenizer
@@ -225,6 +242,9 @@ class Trainer:
             lr_warmup_steps=min(o.warmup_steps, max(decay_steps - 1, 0)), lr_decay_steps=decay_steps,
             lr_decay_style=o.decay, start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(steps, 1),
             wd_incr_style="constant",
+            # on resume the config's schedule wins (a run extended with train.iterations gets a new decay),
+            # while the step count comes from the checkpoint
+            use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
         )
         eopd = cfg.loss.to_eopd_config(vocab_size=cfg.loss.vocab_size or self.info.true_vocab_size)
         self.loss_cfg: EOPDConfig = eopd
@@ -287,12 +307,27 @@ class Trainer:
         cfg = self.cfg
         latest = self.ckpt_dir / LATEST
         if cfg.checkpoint.resume != "never" and latest.is_file():
+            from megatron_eaopd.checkpoint import read_checkpoint_metadata
+
+            kind = read_checkpoint_metadata(self.ckpt_dir).get("kind")
+            if kind != "training":
+                raise ConfigError(
+                    f"config error at checkpoint.dir: {self.ckpt_dir} holds a converted model, not a training run's "
+                    f"checkpoints; point student.checkpoint at it and give the run its own checkpoint.dir"
+                )
             for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
                 if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
                     opt._init_optimizer_states_with_dummy_values()
             it, common, extra = load_checkpoint(self.ckpt_dir, self.student,
                                                 extra_sharded={"optimizer": self._optimizer_state(True)})
-            self.optimizer.load_state_dict(extra["optimizer"])
+            try:
+                self.optimizer.load_state_dict(extra["optimizer"])
+            except (KeyError, ValueError) as e:
+                raise ConfigError(
+                    f"config error at optimizer: the checkpoint in {self.ckpt_dir} was saved with other optimizer "
+                    f"settings (lr / weight_decay / parameter groups): {e}. Resume with the original optimizer "
+                    f"settings or start a new logging.run_dir / checkpoint.dir"
+                ) from e
             self.scheduler.load_state_dict(common["scheduler"])
             self.loader.load_state_dict(common["data"])
             rng = common.get("rng")
