@@ -37,6 +37,17 @@ from megatron_eaopd.evaluation.runner import (  # noqa: E402
 )
 
 
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or negative counts are always a mistake here)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (paper defaults)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -49,19 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
                                       "olympiadbench.jsonl aime24.jsonl aime25.jsonl")
     p.add_argument("--benchmarks", nargs="+", default=list(STANDARD_BENCHMARKS),
                    help=f"standard names ({', '.join(STANDARD_BENCHMARKS)}, or 'all') or JSONL paths")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=8,
+    p.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=8,
                    help="samples per problem (under torchrun spell it --num-samples: torchrun rejects --n as an "
                         "ambiguous prefix of its own options)")
     p.add_argument("--k", type=int, nargs="+", default=None, help="pass@k values (default: n)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.8)
-    p.add_argument("--max-new-tokens", type=int, default=8192)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for generation")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size for generation")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=8192)
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size for generation")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size for generation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder (resumable)")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--batch-problems", type=int, default=64, help="problems per generate() call")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--batch-problems", type=_positive_int, default=64, help="problems per generate() call")
     p.add_argument("--chat-template", action="store_true",
                    help="wrap prompts in the tokenizer's chat template (thinking disabled)")
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
@@ -73,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "static engine preallocates a KV cache of this many x (prompt + max new tokens) positions, "
                         "so set it on CPU with long generations")
     p.add_argument("--kv-buffer-gb", type=float, default=20.0, help="dynamic engine KV-cache buffer (GPU)")
-    p.add_argument("--grading-workers", type=int, default=2)
+    p.add_argument("--grading-workers", type=_positive_int, default=2)
     p.add_argument("--grading-timeout", type=float, default=10.0, help="seconds per sample")
     p.add_argument("--no-progress", action="store_true")
     return p
