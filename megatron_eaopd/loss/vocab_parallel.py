@@ -301,7 +301,12 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
     return m_all, log_s, ent, gathered, (top_v, top_i), safe
 
 
-def _write_grad(grad: torch.Tensor, r0: int, r1: int, g: torch.Tensor) -> None:
+def _write_grad(sh: _Shard, grad: torch.Tensor, r0: int, r1: int, g: torch.Tensor) -> None:
+    """Finish a chunk's fp32 gradient (zero on padded columns, times 1/T) and store it in ``grad``."""
+    if sh.n_valid < sh.v_local:
+        g[:, sh.n_valid:] = 0.0
+    if sh.temperature != 1.0:
+        g.div_(sh.temperature)
     if g.data_ptr() != grad[r0:r1].data_ptr():
         grad[r0:r1] = g
 
@@ -357,11 +362,7 @@ class _LogProbsEntropy(torch.autograd.Function):
             if has_lp:
                 loc, own = _local_ids(sh, ids[r0:r1])
                 g.scatter_add_(1, loc, torch.where(own, g_logp[r0:r1].float(), torch.zeros((), device=dev)))
-            if sh.n_valid < sh.v_local:
-                g[:, sh.n_valid:] = 0.0
-            if sh.temperature != 1.0:
-                g.div_(sh.temperature)
-            _write_grad(grad, r0, r1, g)
+            _write_grad(sh, grad, r0, r1, g)
         return grad, None, None, None
 
 
@@ -458,21 +459,13 @@ class _KLPair(torch.autograd.Function):
                 # p * [(a - c) log p - a log q + (b - a KL_pq - c H)] - b q
                 t = torch.mul(lp, a - c, out=_grad_buffer(sh, xp, grad_p, r0, r1, safe))
                 t.addcmul_(lq, -a).add_(b - a * kl_pq - c * h_p).mul_(p).addcmul_(q, -b)
-                if sh.n_valid < sh.v_local:
-                    t[:, sh.n_valid:] = 0.0
-                if sh.temperature != 1.0:
-                    t.div_(sh.temperature)
-                _write_grad(grad_p, r0, r1, t)
+                _write_grad(sh, grad_p, r0, r1, t)
                 del t
             if need_q:
                 # q * [b log q - b log p + (a - b KL_qp)] - a p
                 t = torch.mul(lq, b, out=_grad_buffer(sh, xq, grad_q, r0, r1, safe))
                 t.addcmul_(lp, -b).add_(a - b * kl_qp).mul_(q).addcmul_(p, -a)
-                if sh.n_valid < sh.v_local:
-                    t[:, sh.n_valid:] = 0.0
-                if sh.temperature != 1.0:
-                    t.div_(sh.temperature)
-                _write_grad(grad_q, r0, r1, t)
+                _write_grad(sh, grad_q, r0, r1, t)
                 del t
         return grad_p, grad_q, None, None, None
 

@@ -276,6 +276,14 @@ def _setup(tp: int, pp: int):
     seed_model_rng(1234)
 
 
+def _checked(res: dict, atol: float) -> dict:
+    """Return a :func:`verify_logits` result, or raise RuntimeError when it failed the tolerance."""
+    if not res["passed"]:
+        raise RuntimeError(f"verification failed: max |logit diff| {res['max_abs_diff']:.3g} > atol {atol} "
+                           f"(top-1 agreement {res['top1_agreement']:.3f})")
+    return res
+
+
 def _check_export_target(ckpt: Path, out: Path) -> None:
     """Refuse an export target that would destroy data: the checkpoint itself (or a folder holding it),
     a Megatron checkpoint, or a non-empty folder that is not a previous Hugging Face export."""
@@ -357,11 +365,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         load_checkpoint(path, vchunks)
         for c in vchunks:
             c.float()
-        res = verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol)
-        summary["verify"] = res
-        if not res["passed"]:
-            raise RuntimeError(f"verification failed: max |logit diff| {res['max_abs_diff']:.3g} > atol {atol} "
-                               f"(top-1 agreement {res['top1_agreement']:.3f})")
+        summary["verify"] = _checked(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
     return summary
 
 
@@ -487,9 +491,5 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         for c in chunks:  # same values as the written (possibly lower-precision) tensors, computed in fp32
             for p in c.parameters():
                 p.data = p.data.to(out_dtype).float()
-        res = verify_logits(chunks, out, weight_dtype=out_dtype, atol=atol)
-        summary["verify"] = res
-        if not res["passed"]:
-            raise RuntimeError(f"verification failed: max |logit diff| {res['max_abs_diff']:.3g} > atol {atol} "
-                               f"(top-1 agreement {res['top1_agreement']:.3f})")
+        summary["verify"] = _checked(verify_logits(chunks, out, weight_dtype=out_dtype, atol=atol), atol)
     return summary
