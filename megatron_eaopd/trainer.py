@@ -290,7 +290,7 @@ class Trainer:
         common = {
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()},
+            "rng": self._rng_states_all_ranks(),
         }
         path = save_checkpoint(self.ckpt_dir, iteration, self.student, extra_sharded={"optimizer": self._optimizer_state(False)},
                                extra_common=common, model_info=self.info,
@@ -300,6 +300,36 @@ class Trainer:
             for old in kept[: -self.cfg.checkpoint.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return path
+
+    @staticmethod
+    def _rng_states_all_ranks() -> list:
+        """Every rank's RNG state (torch CPU/CUDA generator + Megatron's TP-aware tracker), gathered so that
+        rank 0's ``common`` part of the checkpoint holds one entry per global rank (collective)."""
+        from megatron.core import tensor_parallel
+
+        mine = {"torch": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+        if torch.cuda.is_available():
+            mine["cuda"] = torch.cuda.get_rng_state()
+        if not dist.is_initialized():
+            return [mine]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, mine)
+        return out
+
+    @staticmethod
+    def _restore_rng(states) -> None:
+        """Restore this rank's RNG state from :meth:`_rng_states_all_ranks` (skipped if the world size changed)."""
+        from megatron.core import tensor_parallel
+
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if not isinstance(states, list) or len(states) != world:
+            print_rank0("[eopd] RNG state not restored: the checkpoint was saved with another number of processes")
+            return
+        mine = states[dist.get_rank() if dist.is_initialized() else 0]
+        torch.set_rng_state(mine["torch"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(mine["tracker"])
+        if "cuda" in mine and torch.cuda.is_available():
+            torch.cuda.set_rng_state(mine["cuda"])
 
     def _resume(self) -> int:
         from megatron_eaopd.checkpoint import LATEST, load_checkpoint
@@ -330,12 +360,7 @@ class Trainer:
                 ) from e
             self.scheduler.load_state_dict(common["scheduler"])
             self.loader.load_state_dict(common["data"])
-            rng = common.get("rng")
-            if rng:
-                from megatron.core import tensor_parallel
-
-                torch.set_rng_state(rng["torch"])
-                tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+            self._restore_rng(common.get("rng"))
             print_rank0(f"[eopd] resumed from {self.ckpt_dir} at iteration {it}")
             return it
         if cfg.checkpoint.resume == "required":
@@ -434,7 +459,8 @@ class Trainer:
             fb(forward_step_func=forward_step, data_iterator=iter(group), model=self.student, num_microbatches=len(group),
                seq_length=group[0].inputs.shape[1], micro_batch_size=group[0].inputs.shape[0], forward_only=False)
             ok, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
+            if ok:  # as Megatron-LM's train_step: a step skipped by the fp16 loss scaler does not advance the LR
+                self.scheduler.step(increment=1)
             if grad_norm is not None:
                 grad_norms.append(float(grad_norm))
             for n, m, ls in records:
