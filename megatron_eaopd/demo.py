@@ -95,6 +95,7 @@ def _free_port() -> int:
 
 
 def main(argv=None) -> int:
+    """Prepare the demo models and data, train with torchrun, print the table; returns the exit code."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=1, choices=[1, 2], help="processes (gloo)")
     ap.add_argument("--layout", default="dp", choices=["dp", "pp"], help="how 2 processes split the work")

@@ -126,6 +126,7 @@ class MetricsLogger:
             self.bar.write(text)
 
     def close(self) -> None:
+        """Close the progress bar and every sink (rank 0)."""
         if not self.enabled:
             return
         self.bar.close()

@@ -11,6 +11,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse ``[--config] PATH key=value ...``, train, and return the exit code (0 / 2 config error)."""
     from megatron_eaopd.config import ConfigError, load_config, parse_cli
 
     argv = sys.argv[1:] if argv is None else argv

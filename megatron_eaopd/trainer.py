@@ -400,6 +400,7 @@ class Trainer:
                               list(batch.response_texts), answers)
 
     def micro_batches(self, st: IterationState) -> list[MicroBatch]:
+        """This rank's rollouts cut into ``train.micro_batch_size`` rows, on the compute device."""
         dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         return split_micro_batches(st.tokens, st.loss_mask, self.cfg.train.micro_batch_size, device=dev)
 
