@@ -95,8 +95,16 @@ def test_kill9_then_resume_matches_uninterrupted_run(models, tmp_path):
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "iter_0000002"):
         assert p.poll() is None, "training ended before its first checkpoint"
         time.sleep(0.2)
+    # kill -9 the whole tree: torchrun starts its workers in their own sessions, so a process-group kill
+    # would leave the worker training on (and writing the same checkpoint folder as the resumed run)
+    import psutil
+
+    tree = psutil.Process(p.pid).children(recursive=True)
+    for proc in tree:
+        proc.kill()
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
     assert latest.read_text().strip() == "iter_0000002"
     proc, rows = run_train(models, run_dir, "train.iterations=4")
     _ok(proc)
