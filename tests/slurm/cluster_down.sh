@@ -6,22 +6,8 @@ set -uo pipefail
 D=${EAOPD_SLURM_DIR:-/tmp/eaopd_slurm}
 export SLURM_CONF=$D/etc/slurm.conf
 log() { echo "[cluster_down] $*" >&2; }
-running() { [ -d /proc/"$1" ] && [ "$(awk '/^State:/{print $2}' /proc/"$1"/status 2>/dev/null)" != Z ]; }
-alive() {
-  local pid
-  [ -s "$1" ] || return 1
-  pid=$(cat "$1")
-  [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$2" ] && running "$pid"
-}
-stop() {
-  local pid
-  alive "$1" "$2" || { rm -f "$1"; return 0; }
-  pid=$(cat "$1")
-  kill -TERM "$pid" 2>/dev/null
-  for _ in $(seq 1 100); do running "$pid" || break; sleep 0.1; done
-  if running "$pid"; then log "$2 ($pid) ignored TERM: KILL"; kill -KILL "$pid" 2>/dev/null; fi
-  rm -f "$1"
-}
+# shellcheck source=tests/slurm/_pids.sh
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"/_pids.sh
 
 if alive "$D"/run/slurmctld.pid slurmctld && [ -f "$SLURM_CONF" ]; then
   jobs=$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')

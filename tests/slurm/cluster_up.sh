@@ -134,22 +134,8 @@ fi
 echo "export SLURM_CONF=$D/etc/slurm.conf" >"$D"/env.sh
 export SLURM_CONF=$D/etc/slurm.conf
 
-running() { [ -d /proc/"$1" ] && [ "$(awk '/^State:/{print $2}' /proc/"$1"/status 2>/dev/null)" != Z ]; }
-alive() {
-  local pid
-  [ -s "$1" ] || return 1
-  pid=$(cat "$1")
-  [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$2" ] && running "$pid"
-}
-stop() {
-  local pid
-  alive "$1" "$2" || { rm -f "$1"; return 0; }
-  pid=$(cat "$1")
-  kill -TERM "$pid"
-  for _ in $(seq 1 100); do running "$pid" || break; sleep 0.1; done
-  running "$pid" && kill -KILL "$pid"
-  rm -f "$1"
-}
+# shellcheck source=tests/slurm/_pids.sh
+. "$HERE"/_pids.sh
 
 changed=0
 for f in slurm.conf gres.conf plugstack.conf; do
