@@ -3,7 +3,7 @@
 
 Loads a model exactly as ``tools/evaluate.py`` does (``load_eval_model``: a Megatron checkpoint or
 an HF folder; default the demo's trained student, else its pruned HF student), builds the same
-``local_generator`` (``MegatronGenerator`` over ``Rollout``, static engine), and times
+``local_generator`` (``MegatronGenerator`` over the static rollout engine), and times
 ``generate`` on 8 real GSM8K test prompts (the paper's suffix, 1 sample each, T 1.0, top-p 0.8)
 with ``--new-tokens`` new tokens. Reports new tokens / second (sum of generated response tokens
 over wall time; one untimed warm-up call first, then ``--repeats`` timed calls, best and median).
@@ -58,7 +58,7 @@ def main() -> int:
     recs = load_benchmark(args.data, limit=args.batch)
     prompts = [build_prompt(r.problem) for r in recs]
     gen = local_generator(lm.chunks, lm.tokenizer, max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.8,
-                          eos_ids=lm.eos_ids, engine=args.engine)
+                          stop_ids=lm.stop_ids(), engine=args.engine)
     prompt_tokens = [len(gen.encode(p)) for p in prompts]
     gen.generate(prompts, 1, seed=123)  # warm-up: engine construction, first allocations
     runs = []
@@ -71,12 +71,12 @@ def main() -> int:
                      "finished": sum(not s.truncated for g in out for s in g)})
     tps = [x["tokens_per_second"] for x in runs]
     res = {
-        "what": "evaluation generation throughput: MegatronGenerator over Rollout, batch of prompts x 1 sample, "
+        "what": "evaluation generation throughput: MegatronGenerator over the rollout engine, batch of prompts x 1 sample, "
                 "T 1.0 top-p 0.8; tokens/s = generated tokens (incl. EOS) / wall seconds",
         "model": str(model), "model_kind": lm.kind, "architecture": lm.info.architecture,
         "layers": lm.info.args.num_layers if hasattr(lm.info.args, "num_layers") else None,
         "params_million": sum(p.numel() for c in lm.chunks for p in c.parameters()) / 1e6,
-        "engine": gen.rollout.engine_kind if hasattr(gen.rollout, "engine_kind") else "recompute",
+        "engine": gen.engine.kind,
         "dtype": str(next(lm.chunks[0].parameters()).dtype),
         "batch": len(prompts), "new_tokens": args.new_tokens, "mean_prompt_tokens": statistics.mean(prompt_tokens),
         "load_seconds": load_s, "runs": runs,

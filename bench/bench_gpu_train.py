@@ -8,15 +8,15 @@ Student = Qwen3-1.7B shape, teacher = Qwen3-8B shape, both built from HF-like co
 layout the trainer uses on this machine (world of one: TP = PP = DP = 1). Phases, in trainer order:
 
 * ``rollout``   the student samples ``--rows`` responses of ``--gen`` tokens to ``--prompt``-token
-  random prompts with :class:`megatron_eaopd.rollout.Rollout` (``engine=auto``: dynamic with CUDA;
-  when the dynamic engine fails, e.g. no flash-attn on the image, the static engine is timed
-  instead and the failure is recorded). Reported: generated tokens/s.
-* ``teacher``   :meth:`megatron_eaopd.teacher.Teacher.score` over the iteration's micro-batches
+  random prompts with the rollout engine of :func:`megatron_eaopd.rollout.factory.make_engine`
+  (``engine=auto``: dynamic with CUDA; when the dynamic engine fails, e.g. no flash-attn on the
+  image, the static engine is timed instead and the failure is recorded). Reported: generated tokens/s.
+* ``teacher``   :func:`megatron_eaopd.phases.teacher_phase` over the iteration's micro-batches
   (forward + TeacherSignals). Reported: tokens/s.
-* ``old_logprobs``  ``Trainer.old_log_probs`` (student forward, no grad).
-* ``train``     ``Trainer.update``: one optimizer step of EOPD (topk) over all micro-batches,
-  through Megatron DDP + ``get_megatron_optimizer`` configured exactly as ``Trainer._build_student``
-  does (bf16 params, fp32 grads, overlapped grad reduce and the distributed optimizer on CUDA).
+* ``old_logprobs``  :func:`megatron_eaopd.phases.old_log_probs_phase` (student forward, no grad).
+* ``train``     :func:`megatron_eaopd.phases.update_phase`: one optimizer step of EOPD (topk) over all
+  micro-batches, with the student of :func:`megatron_eaopd.student.build_student` (bf16 params,
+  fp32 grads, overlapped grad reduce and the distributed optimizer on CUDA), as the trainer builds it.
   Reported: tokens/s and MFU = 6 * N * tokens / seconds / peak, N = student parameters,
   peak = 989e12 FLOP/s (H200 SXM dense bf16 datasheet; ``--peak-tflops``). Also reported against
   the bf16 matmul rate measured here (8192^3, random data) as ``mfu_vs_measured_matmul``.
@@ -38,9 +38,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -157,7 +155,7 @@ def selection_report(model, info, ddp_cfg=None, rollout=None, teacher=None) -> d
     if ddp_cfg is not None:
         out.update({k: bool(getattr(ddp_cfg, k)) for k in (
             "overlap_grad_reduce", "overlap_param_gather", "use_distributed_optimizer", "grad_reduce_in_fp32")})
-    out["rollout_engine"] = getattr(rollout, "engine_kind", None)
+    out["rollout_engine"] = getattr(rollout, "kind", None)
     out["teacher_offload"] = None if teacher is None else bool(teacher.offload)
     return out
 
@@ -229,39 +227,15 @@ def _free_port() -> int:
 
 
 def build_student(cfg_dict: dict, dtype: torch.dtype, cuda: bool, use_distributed_optimizer: bool, lr: float = 1e-6):
-    """Student chunks, DDP config and optimizer, set up as ``Trainer._build_student`` does."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    """The student as the trainer builds it (:func:`megatron_eaopd.student.build_student`), with a constant LR."""
+    from megatron_eaopd.config import OptimizerConfig
+    from megatron_eaopd.student import build_student as build
 
-    from megatron_eaopd.models.provider import build_gpt_model
-
+    opt = OptimizerConfig(lr=lr, min_lr=lr, weight_decay=0.0, clip_grad=1.0, warmup_steps=0, decay="constant")
     # on CUDA initialise on the device (8B parameters initialised on the host take minutes)
     overrides = {"use_cpu_initialization": False} if cuda else {}
-    chunks, info = build_gpt_model(cfg_dict, params_dtype=dtype, **overrides)
-    model = chunks[0]
-    mcfg = model.config
-    mcfg.calculate_per_token_loss = True
-    mcfg.finalize_model_grads_func = finalize_model_grads
-    ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=cuda, overlap_param_gather=cuda and use_distributed_optimizer,
-        use_distributed_optimizer=use_distributed_optimizer, average_in_collective=False,
-    )
-    ddp = DistributedDataParallel(mcfg, ddp_cfg, model)
-    if cuda:
-        mcfg.no_sync_func = ddp.no_sync
-        mcfg.grad_sync_func = ddp.start_grad_sync
-        if use_distributed_optimizer:
-            mcfg.param_sync_func = ddp.start_param_sync
-    opt = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=lr, min_lr=lr, weight_decay=0.0, clip_grad=1.0,
-                        bf16=dtype == torch.bfloat16, params_dtype=dtype, use_distributed_optimizer=use_distributed_optimizer),
-        [ddp],
-    )
-    sched = OptimizerParamScheduler(opt, init_lr=lr, max_lr=lr, min_lr=lr, lr_warmup_steps=0, lr_decay_steps=1000,
-                                    lr_decay_style="constant", start_wd=0.0, end_wd=0.0, wd_incr_steps=1000,
-                                    wd_incr_style="constant")
-    return [ddp], info, ddp_cfg, opt, sched
+    return build(cfg_dict, params_dtype=dtype, opt_cfg=opt, total_steps=1000,
+                 use_distributed_optimizer=use_distributed_optimizer, cuda=cuda, **overrides)
 
 
 def run(a) -> dict:
@@ -301,13 +275,14 @@ def run(a) -> dict:
         res["errors"]["matmul"] = _err(e)
 
     # ---- build --------------------------------------------------------------------------------
-    from megatron_eaopd.loss import EOPDConfig
+    from megatron_eaopd.loss import EOPDConfig, build_objective
     from megatron_eaopd.teacher import Teacher
 
     t0 = time.perf_counter()
     _reset_peak()
-    student, info, ddp_cfg, opt, sched = build_student(s_cfg, dtype, cuda, use_distributed_optimizer=cuda)
-    model = unwrap(student[0])
+    student = build_student(s_cfg, dtype, cuda, use_distributed_optimizer=cuda)
+    info, ddp_cfg = student.info, student.ddp_config
+    model = unwrap(student.chunks[0])
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.embedding.word_embeddings.weight.numel()
     res["student_params"] = n_params
@@ -315,16 +290,16 @@ def run(a) -> dict:
     res["phases"]["build_student"] = dict(seconds=round(time.perf_counter() - t0, 3), peak_gib=_peak_gib(),
                                           allocated_gib=_alloc_gib())
     save()
-    loss_cfg = EOPDConfig(mode="topk", top_k=16, vocab_size=info.true_vocab_size)
+    objective = build_objective(EOPDConfig(mode="topk", top_k=16, vocab_size=info.true_vocab_size))
     t0 = time.perf_counter()
     _reset_peak()
     t_overrides = {"use_cpu_initialization": False} if cuda else {}
     t_chunks, t_info = build_gpt_model(t_cfg, params_dtype=dtype, **t_overrides)
-    teacher = Teacher(t_chunks, loss_cfg, offload=a.teacher_offload)
+    teacher = Teacher(t_chunks, objective, offload=a.teacher_offload)
     res["teacher_params"] = sum(p.numel() for p in t_chunks[0].parameters())
     res["phases"]["build_teacher"] = dict(seconds=round(time.perf_counter() - t0, 3), peak_gib=_peak_gib(),
                                           allocated_gib=_alloc_gib())
-    res["selection"] = selection_report(student[0], info, ddp_cfg, None, teacher)
+    res["selection"] = selection_report(student.chunks[0], info, ddp_cfg, None, teacher)
     # what build_gpt_model does with no overrides (the trainer's call): where do the parameters land?
     probe, _ = build_gpt_model(TINY_STUDENT, params_dtype=dtype)
     res["selection"]["provider_default_param_device"] = next(probe[0].parameters()).device.type
@@ -332,62 +307,60 @@ def run(a) -> dict:
     save()
 
     # ---- rollout -------------------------------------------------------------------------------
-    from megatron_eaopd.rollout import Rollout, RolloutParams
+    from megatron_eaopd.rollout import RolloutParams
+    from megatron_eaopd.rollout.dynamic import dynamic_max_requests
+    from megatron_eaopd.rollout.factory import make_engine
 
     eos = int(s_cfg["eos_token_id"])
     tok = SyntheticTokenizer(info.true_vocab_size, eos)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, eos, (rows, a.prompt), generator=g).tolist()
-    params = RolloutParams(temperature=1.0, top_p=1.0, max_new_tokens=gen, n=1, seed=1, eos_ids=(eos,),
-                           return_log_probs=False)
+    params = RolloutParams(temperature=1.0, top_p=1.0, max_new_tokens=gen, n=1, seed=1)
     order = [a.engine] if a.engine != "auto" else (["dynamic", "static"] if cuda else ["static"])
     res["rollout_attempts"] = {}
     for eng in order:
         ro = None
         try:
             t0 = time.perf_counter()
-            ro = Rollout(model, tok, engine=eng, max_batch_size=rows, dynamic_buffer_size_gb=a.kv_gb)
-            max_seq = a.prompt + gen + 1
-            (ro._dynamic_engine if eng == "dynamic" else ro._static_engine)(rows, max_seq, eos)  # build once, full size
+            ro = make_engine(student.chunks, tok, stop_ids=(eos,), kind=eng, max_batch_size=rows, kv_buffer_gb=a.kv_gb)
+            # build the engine once at its full size, so the timed call does not rebuild it
+            ro._engine(dynamic_max_requests(rows, 1) if ro.kind == "dynamic" else rows, a.prompt + gen + 1)
             build_s = time.perf_counter() - t0
-            ro.generate(prompts, replace(params, max_new_tokens=min(4, gen)), call_index=0)  # warm-up
+            ro.generate(prompts, params.model_copy(update={"max_new_tokens": min(4, gen)}), call_index=0)  # warm-up
             _reset_peak()
             box = {}
             dt = _timed(lambda: box.__setitem__("b", ro.generate(prompts, params, call_index=1)), 1)[0]
             b = box["b"]
             new_tokens = int(b.response_lengths.sum())
             res["phases"]["rollout"] = dict(
-                engine=eng, seconds=round(dt, 4), generated_tokens=new_tokens, tokens_per_s=round(new_tokens / dt, 1),
+                engine=ro.kind, seconds=round(dt, 4), generated_tokens=new_tokens, tokens_per_s=round(new_tokens / dt, 1),
                 finished_rows=int(b.finished.sum()), engine_build_seconds=round(build_s, 3), peak_gib=_peak_gib(),
             )
             res["rollout_attempts"][eng] = "ok"
-            res["selection"]["rollout_engine"] = ro.engine_kind
+            res["selection"]["rollout_engine"] = ro.kind
             break
         except Exception as e:  # noqa: BLE001
             res["rollout_attempts"][eng] = _err(e)
             res["errors"][f"rollout_{eng}"] = res["rollout_attempts"][eng]
         finally:
+            if ro is not None:
+                ro.release()
             del ro
             if cuda:
                 torch.cuda.empty_cache()
-            for m in student:
-                m.train()
+            student.train()
             save()
 
     # ---- the synthetic iteration batch -----------------------------------------------------------
+    from megatron_eaopd.phases import old_log_probs_phase, teacher_phase, update_phase
     from megatron_eaopd.pipeline import split_micro_batches
-    from megatron_eaopd.trainer import IterationState, Trainer
 
     tokens = torch.randint(0, eos, (rows, seq), generator=g)
     loss_mask = torch.zeros(rows, seq - 1, dtype=torch.bool)
     loss_mask[:, a.prompt - 1:] = True
     mbs = split_micro_batches(tokens, loss_mask, a.micro_batch_size, device=dev)
     n_in = rows * (seq - 1)
-    st = IterationState(tokens, loss_mask, torch.full((rows,), gen), torch.zeros(rows, dtype=torch.bool),
-                        [""] * rows, [""] * rows)
-    ns = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(mini_batches=1)),
-                         layout=SimpleNamespace(micro_batches_per_step=len(mbs)), loss_cfg=loss_cfg, student=student,
-                         optimizer=opt, scheduler=sched, teacher=teacher)
+    box = {}
 
     def phase(name, fn, tokens_count, warmup=1):
         try:
@@ -405,17 +378,20 @@ def run(a) -> dict:
         finally:
             save()
 
-    ok_t = phase("teacher", lambda: Trainer.score_teacher(ns, st, mbs), n_in)
-    ok_o = phase("old_logprobs", lambda: Trainer.old_log_probs(ns, st, mbs), n_in)
+    ok_t = phase("teacher", lambda: box.__setitem__("t", teacher_phase(teacher, mbs)), n_in)
+    ok_o = phase("old_logprobs", lambda: box.__setitem__("o", old_log_probs_phase(student, objective, mbs)), n_in)
     if ok_t and ok_o:
-        box = {}
-        if phase("train", lambda: box.__setitem__("m", Trainer.update(ns, st, mbs)), n_in):
+        def train_step():
+            box["u"] = update_phase(student, objective, mbs, box["t"], box["o"], mini_batches=1)
+
+        if phase("train", train_step, n_in):
             p = res["phases"]["train"]
             sec = p["seconds"]
             f6 = train_flops(n_params, n_in)
             fa = attention_flops(info.args.num_layers, info.args.num_heads * info.args.head_dim, seq - 1, n_in)
-            p["loss"] = box["m"]["loss"]
-            p["grad_norm"] = box["m"]["grad_norm"]
+            u = box["u"]
+            p["loss"] = objective.reduce({k: float(v) for k, v in u.sums.items()})["loss"]
+            p["grad_norm"] = u.grad_norms[-1] if u.grad_norms else None
             p["model_tflops_per_s"] = round(f6 / sec / 1e12, 2)
             p["mfu"] = round(mfu(f6, sec, a.peak_tflops * 1e12), 4)
             p["mfu_with_attention"] = round(mfu(f6 + fa, sec, a.peak_tflops * 1e12), 4)

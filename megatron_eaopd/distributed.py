@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ __all__ = [
     "is_rank0",
     "print_rank0",
     "seed_everything",
+    "collective_device",
+    "all_reduce_scalars",
 ]
 
 
@@ -126,3 +129,32 @@ def print_rank0(*args, **kwargs) -> None:
     """``print`` on global rank 0 only (flushes)."""
     if is_rank0():
         print(*args, **kwargs, flush=True)
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the current CUDA device (NCCL), else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def all_reduce_scalars(values: Mapping[str, float | torch.Tensor], *, group=None, contribute: bool = True,
+                       op=dist.ReduceOp.SUM) -> dict[str, float]:
+    """All-reduce named scalars in one fp64 collective and return them as Python floats.
+
+    Args:
+        values: name -> number (float or 0-dim tensor); every rank must pass the same names.
+        group: process group (default: the whole world).
+        contribute: False sends zeros (e.g. TP ranks holding a copy of another rank's numbers, so
+            that each replica is counted once in a SUM).
+        op: the reduction (SUM, MAX, ...).
+    Returns:
+        ``{name: reduced value}`` (the local values when torch.distributed is not initialised).
+    """
+    keys = list(values)
+    dev = collective_device() if dist.is_initialized() else torch.device("cpu")
+    vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(dev).reshape(()) for k in keys]) if keys \
+        else torch.zeros(0, dtype=torch.float64, device=dev)
+    if not contribute:
+        vec = torch.zeros_like(vec)
+    if dist.is_initialized():
+        dist.all_reduce(vec, op=op, group=group)
+    return dict(zip(keys, vec.cpu().tolist()))

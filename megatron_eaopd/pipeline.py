@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MicroBatch", "split_micro_batches", "forward_only", "is_last_stage", "is_first_stage"]
+__all__ = ["MicroBatch", "padded_length", "split_micro_batches", "forward_only", "is_last_stage", "is_first_stage"]
 
 
 @dataclass
@@ -37,22 +37,47 @@ class MicroBatch:
     loss_mask: torch.Tensor
 
 
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (>= 1)."""
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    return -(-int(length) // multiple) * multiple
+
+
 def split_micro_batches(tokens: torch.Tensor, loss_mask: torch.Tensor, micro_batch_size: int,
-                        device: torch.device | str = "cpu") -> list[MicroBatch]:
+                        device: torch.device | str = "cpu", *, seq_multiple: int = 1,
+                        pad_id: int | None = None) -> list[MicroBatch]:
     """Cut ``tokens [B, S]`` / ``loss_mask [B, S-1]`` into micro-batches of ``micro_batch_size`` rows.
 
+    Args:
+        tokens: ``[B, S]`` int64 prompt + response token ids (right-padded).
+        loss_mask: ``[B, S-1]`` bool, what ``tokens[:, 1:]`` counts in the loss.
+        micro_batch_size: rows per micro-batch.
+        device: where the micro-batches live (the compute device).
+        seq_multiple: pad the model-input length ``S-1`` to a multiple of this with masked positions
+            (sequence parallelism scatters the sequence over TP ranks, so it must divide evenly;
+            Megatron's ``scatter_to_sequence_parallel_region``).
+        pad_id: token id of the padding positions (default: ``tokens[0, -1]``, i.e. the batch's own
+            right padding). Padded positions have ``loss_mask`` False and continue the positions.
+    Returns:
+        micro-batches in row order, all of the same shape.
     Raises:
         ValueError: if ``B`` is not a multiple of ``micro_batch_size`` (pipeline schedules need equal shapes).
     """
     b, s = tokens.shape
     if b % micro_batch_size:
         raise ValueError(f"{b} sequences cannot be cut into micro-batches of {micro_batch_size}")
-    pos = torch.arange(s - 1, dtype=torch.long).unsqueeze(0)
+    width = padded_length(s - 1, seq_multiple)
+    if width > s - 1:
+        pad = int(tokens[0, -1]) if pad_id is None else int(pad_id)
+        tokens = torch.cat([tokens, tokens.new_full((b, width - (s - 1)), pad)], dim=1)
+        loss_mask = torch.cat([loss_mask, loss_mask.new_zeros((b, width - (s - 1)))], dim=1)
+    pos = torch.arange(width, dtype=torch.long).unsqueeze(0)
     out = []
     for i, r0 in enumerate(range(0, b, micro_batch_size)):
         rows = slice(r0, r0 + micro_batch_size)
         t = tokens[rows].to(device)
-        out.append(MicroBatch(i, rows, t[:, :-1].contiguous(), pos.expand(micro_batch_size, s - 1).contiguous().to(device),
+        out.append(MicroBatch(i, rows, t[:, :-1].contiguous(), pos.expand(micro_batch_size, width).contiguous().to(device),
                               t[:, 1:].contiguous(), loss_mask[rows].to(device)))
     return out
 

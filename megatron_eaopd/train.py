@@ -2,18 +2,21 @@
 
 Also launched directly by ``srun`` (one task per GPU; ``MASTER_ADDR``/``MASTER_PORT`` exported by the
 SLURM launcher) or as a single process. Exit codes: 0 finished or preempted with a checkpoint saved,
-2 configuration error, 1 anything else.
+2 configuration or data error, 1 anything else.
 """
 
 from __future__ import annotations
 
 import sys
 
+from megatron_eaopd.config import ConfigError, load_config, parse_cli
+from megatron_eaopd.data import DataError
+from megatron_eaopd.distributed import destroy
+from megatron_eaopd.trainer import train
+
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse ``[--config] PATH key=value ...``, train, and return the exit code (0 / 2 config error)."""
-    from megatron_eaopd.config import ConfigError, load_config, parse_cli
-
+    """Parse ``[--config] PATH key=value ...``, train, and return the exit code (0 / 2 config or data error)."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -24,11 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
-    from megatron_eaopd.distributed import destroy
-    from megatron_eaopd.trainer import train
-
-    from megatron_eaopd.data import DataError
-
     try:
         train(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:

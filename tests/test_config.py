@@ -71,7 +71,7 @@ def test_defaults_are_the_papers():
         (["optimizer.min_lr=1e-3"], ["optimizer: min_lr (0.001) must be <= lr"]),
         (["optimizer.betas=[0.9, 1.5]"], ["optimizer.betas", "[0, 1)"]),
         (["rollout.n=two"], ["rollout.n", "valid integer", "'two'"]),
-        (["loss.top_k=64", "loss.vocab_size=32"], ["loss.top_k (64) exceeds loss.vocab_size (32)"]),
+        (["loss.top_k=64", "loss.vocab_size=32"], ["config error at loss: top_k (64) exceeds vocab_size (32)"]),
         (["parallel.sequence_parallel=true"], ["sequence_parallel true needs parallel.tp > 1"]),
     ],
 )
@@ -153,10 +153,15 @@ def test_runtime_layout_checks():
         c.total_iterations()
 
 
-def test_to_eopd_config():
-    pytest.importorskip("megatron_eaopd.loss")
-    e = load_config(data=BASE, overrides=["loss.alpha=0", "loss.fkl_support=tail"]).loss.to_eopd_config(vocab_size=151669)
+def test_loss_section_is_the_loss_config():
+    from megatron_eaopd.loss import EOPDConfig
+
+    loss = load_config(data=BASE, overrides=["loss.alpha=0", "loss.fkl_support=tail"]).loss
+    assert isinstance(loss, EOPDConfig)
+    e = loss.with_vocab_size(151669)
     assert (e.mode, e.tau, e.alpha, e.top_k, e.fkl_support, e.vocab_size) == ("topk", 0.8, 0.0, 16, "tail", 151669)
+    with pytest.raises(ValueError, match=r"top_k \(16\) exceeds vocab_size \(8\)"):
+        loss.with_vocab_size(8)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])

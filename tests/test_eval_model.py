@@ -193,11 +193,11 @@ VALIDATION_SCRIPT = textwrap.dedent("""
         for c in lm.chunks:
             c.train()
         cfg = EvalConfig(interval=2, files=[data], n=2, k=[1, 2], limit=3, max_new_tokens=6)
-        m1 = run_validation(lm.chunks, lm.tokenizer, cfg, 4, Path(out), lm.eos_ids, False)
-        m2 = run_validation(lm.chunks, lm.tokenizer, cfg, 6, Path(out), lm.eos_ids, False)
+        m1 = run_validation(lm.chunks, lm.tokenizer, cfg, 4, Path(out), lm.stop_ids(), False)
+        m2 = run_validation(lm.chunks, lm.tokenizer, cfg, 6, Path(out), lm.stop_ids(), False)
         try:
             run_validation(lm.chunks, lm.tokenizer, cfg.model_copy(update={"files": [data + ".missing"]}), 8, Path(out),
-                           lm.eos_ids, False)
+                           lm.stop_ids(), False)
             err = None
         except Exception as e:
             err = type(e).__name__ + ": " + str(e)

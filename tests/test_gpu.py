@@ -14,14 +14,12 @@ forward, and a distributed-optimizer checkpoint save/resume round trip. These ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -80,30 +78,25 @@ def test_pure_selection_functions():
 
 
 def test_cpu_path_components():
-    """Trainer dtype fallback, rollout engine and teacher offload pick the CPU path here."""
+    """Trainer dtype fallback, rollout engine choice and teacher offload pick the CPU path here."""
     if CUDA:
         pytest.skip("checks the CPU path")
-    from megatron_eaopd.loss import EOPDConfig
-    from megatron_eaopd.rollout import Rollout
+    from megatron_eaopd.loss import EOPDConfig, build_objective
+    from megatron_eaopd.rollout.factory import select_engine_kind
     from megatron_eaopd.teacher import Teacher
-    from megatron_eaopd.trainer import Trainer
+    from megatron_eaopd.trainer import model_dtype
 
-    assert Trainer._model_dtype(None, "bf16") == torch.float32
-    assert Trainer._model_dtype(None, "fp32") == torch.float32
-    assert Teacher([], EOPDConfig(), offload=True).offload is False
-    with pytest.raises(RuntimeError, match="dynamic inference engine needs CUDA"):
-        Rollout.__init__(object.__new__(Rollout), _FakeModel(), bgt.SyntheticTokenizer(8, 7), engine="dynamic")
-    ro = object.__new__(Rollout)
-    Rollout.__init__(ro, _FakeModel(), bgt.SyntheticTokenizer(8, 7), engine="auto")
-    assert ro.engine_kind == "static"
-
-
-class _FakeModel(torch.nn.Module):
-    """Just enough for ``megatron.core.utils.get_model_config`` (Rollout's constructor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.config = SimpleNamespace(pipeline_model_parallel_size=1)
+    assert model_dtype("bf16") == torch.float32 and model_dtype("fp32") == torch.float32
+    assert Teacher([], build_objective(EOPDConfig()), offload=True).offload is False
+    with pytest.raises(ValueError, match="needs CUDA"):
+        select_engine_kind("dynamic", 1, cuda=False)
+    kind, why = select_engine_kind("static", 2, cuda=False)
+    assert kind == "recompute" and "pipeline_model_parallel_size == 1" in why
+    assert select_engine_kind("auto", 1, cuda=False) == ("static", "")
+    assert select_engine_kind("auto", 2, cuda=False) == ("recompute", "")
+    # CUDA without a flash-attn that megatron-core's dynamic batching accepts: static, with the reason
+    kind, why = select_engine_kind("auto", 1, cuda=True)
+    assert kind == "static" and "using the static engine" in why
 
 
 def test_mfu_arithmetic_and_batch_shape():
@@ -241,21 +234,25 @@ def test_gpu_default_build_selects_gpu_path(mp1):
 @pytest.mark.gpu
 def test_gpu_trainer_setup_selection(mp1):
     """The student as the trainer sets it up: bf16 parameters with fp32 grad reduce, overlapped grad
-    reduce / param gather, distributed optimizer; rollout ``auto`` -> dynamic; teacher offload honoured."""
-    from megatron_eaopd.loss import EOPDConfig
+    reduce / param gather, distributed optimizer; rollout ``auto`` -> dynamic when flash-attn is usable
+    (else static); teacher offload honoured (pinned host copy, no device copy between phases)."""
+    from megatron_eaopd.loss import EOPDConfig, build_objective
+    from megatron_eaopd.models.backend import flash_attn_available
     from megatron_eaopd.models.provider import build_gpt_model
-    from megatron_eaopd.rollout import Rollout
+    from megatron_eaopd.rollout.factory import make_engine
     from megatron_eaopd.teacher import Teacher
 
-    student, sinfo, ddp_cfg, _opt, _sched = bgt.build_student(TINY, torch.bfloat16, cuda=True, use_distributed_optimizer=True)
+    student = bgt.build_student(TINY, torch.bfloat16, cuda=True, use_distributed_optimizer=True)
     tchunks, _ = build_gpt_model(TINY, params_dtype=torch.bfloat16, use_cpu_initialization=False)
-    teacher = Teacher(tchunks, EOPDConfig(vocab_size=512), offload=True)
-    ro = Rollout(student[0].module, bgt.SyntheticTokenizer(512, 511), engine="auto")
-    sel = bgt.selection_report(student[0], sinfo, ddp_cfg, ro, teacher)
+    teacher = Teacher(tchunks, build_objective(EOPDConfig(vocab_size=512)), offload=True)
+    ro = make_engine(student.chunks, bgt.SyntheticTokenizer(512, 511), stop_ids=(511,), kind="auto")
+    sel = bgt.selection_report(student.chunks[0], student.info, student.ddp_config, ro, teacher)
     assert sel["overlap_grad_reduce"] and sel["overlap_param_gather"] and sel["use_distributed_optimizer"]
     assert sel["grad_reduce_in_fp32"] and sel["params_dtype"] == "bfloat16"
-    assert sel["rollout_engine"] == "dynamic" and sel["teacher_offload"] is True
-    assert next(tchunks[0].parameters()).device.type == "cpu"  # offloaded between phases
+    assert sel["rollout_engine"] == ("dynamic" if flash_attn_available()[0] else "static")
+    assert sel["teacher_offload"] is True
+    p = next(tchunks[0].parameters())
+    assert p.device.type == "cpu" and p.is_pinned()  # offloaded between phases, pinned for async copies
 
 
 @pytest.mark.gpu
@@ -337,25 +334,32 @@ def test_gpu_bf16_eopd_loss_matches_fp64_reference(mp1, mode):
 
 @pytest.mark.gpu
 def test_gpu_dynamic_rollout_logprobs_match_full_forward(mp1):
-    """Rollout(engine="dynamic") samples; its raw log-probs equal a full forward's log-softmax."""
+    """The dynamic engine samples; its raw log-probs equal a full forward's log-softmax; it frees its
+    KV cache on release and resumes for the next call with the same samples for the same seed."""
+    from megatron_eaopd.models.backend import flash_attn_available
     from megatron_eaopd.models.provider import build_gpt_model, forward_logits
-    from megatron_eaopd.rollout import Rollout, RolloutParams
+    from megatron_eaopd.rollout import RolloutParams
+    from megatron_eaopd.rollout.factory import make_engine
 
-    if importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("megatron-core 0.19.2's dynamic engine needs flash_attn (flash_attn_with_kvcache), absent here")
+    ok, why = flash_attn_available()
+    if not ok:
+        pytest.skip(why)
     chunks, _ = build_gpt_model(TINY, params_dtype=torch.bfloat16, use_cpu_initialization=False)
-    ro = Rollout(chunks[0], bgt.SyntheticTokenizer(512, 511), engine="dynamic", dynamic_buffer_size_gb=1.0)
+    ro = make_engine(chunks, bgt.SyntheticTokenizer(512, 511), stop_ids=(511,), kind="dynamic", kv_buffer_gb=1.0)
     prompts = [[5, 17, 42, 99, 3, 8], [7, 1], [11, 12, 13, 14, 15]]
-    params = RolloutParams(temperature=1.0, top_p=1.0, max_new_tokens=12, n=2, seed=5, eos_ids=(511,), return_log_probs=True)
-    b = ro.generate(prompts, params)
-    assert ro.engine_kind == "dynamic" and b.tokens.shape[0] == 6 and int(b.logprob_mask.sum()) > 0
+    params = RolloutParams(temperature=1.0, top_p=1.0, max_new_tokens=12, n=2, seed=5)
+    b = ro.generate(prompts, params, return_log_probs=True)
+    assert ro.kind == "dynamic" and b.tokens.shape[0] == 6 and int(b.logprob_mask.sum()) > 0
     assert (b.response_lengths >= 1).all() and (b.response_lengths <= 12).all()
     logits = forward_logits(chunks, b.tokens.cuda())  # [B, S, V] fp32
     full = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, b.targets.cuda()[..., None])[..., 0].cpu()
     m = b.logprob_mask
     err = float((full[m] - b.raw_logprobs[m]).abs().max())
     assert err < 5e-2, err  # bf16 weights: KV-cached decode vs one full forward
-    again = ro.generate(prompts, params, call_index=0)
+    before = torch.cuda.memory_allocated()
+    ro.release()
+    assert torch.cuda.memory_allocated() < before  # the KV buffer is freed between rollouts
+    again = ro.generate(prompts, params, call_index=0, return_log_probs=True)
     assert torch.equal(again.tokens, b.tokens)  # same seed and call index -> same samples
 
 
@@ -363,63 +367,54 @@ def test_gpu_dynamic_rollout_logprobs_match_full_forward(mp1):
 def test_gpu_distributed_optimizer_checkpoint_roundtrip(mp1, tmp_path):
     """Train 2 steps (bf16, distributed optimizer, DP = 1), save as the trainer does, train a 3rd; a fresh
     student that loads the checkpoint takes the same 3rd step (same loss, same weights)."""
-    from megatron_eaopd.checkpoint import load_checkpoint, model_sharded_state_dict, save_checkpoint
-    from megatron_eaopd.loss import EOPDConfig
+    from megatron_eaopd.loss import EOPDConfig, build_objective
     from megatron_eaopd.models.provider import build_gpt_model, seed_model_rng, unwrap
+    from megatron_eaopd.phases import old_log_probs_phase, teacher_phase, update_phase
     from megatron_eaopd.pipeline import split_micro_batches
     from megatron_eaopd.teacher import Teacher
-    from megatron_eaopd.trainer import IterationState, Trainer
+    from megatron_eaopd.train_state import resume_train_state, save_train_state
 
-    loss_cfg = EOPDConfig(mode="topk", top_k=8, vocab_size=512)
+    objective = build_objective(EOPDConfig(mode="topk", top_k=8, vocab_size=512))
     tchunks, _ = build_gpt_model(TINY, params_dtype=torch.bfloat16, use_cpu_initialization=False)
-    teacher = Teacher(tchunks, loss_cfg)
+    teacher = Teacher(tchunks, objective)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 511, (4, 33), generator=g)
     mask = torch.zeros(4, 32, dtype=torch.bool)
     mask[:, 8:] = True
     mbs = split_micro_batches(tokens, mask, 2, device="cuda")
-    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+    class _Loader:  # the data position is not under test here
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
 
     def make(seed):
         seed_model_rng(seed)
-        student, _info, _c, opt, sched = bgt.build_student(TINY, torch.bfloat16, cuda=True, use_distributed_optimizer=True,
-                                                           lr=1e-3)
-        return SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(mini_batches=1)),
-                               layout=SimpleNamespace(micro_batches_per_step=len(mbs)), loss_cfg=loss_cfg,
-                               student=student, optimizer=opt, scheduler=sched, teacher=teacher)
+        return bgt.build_student(TINY, torch.bfloat16, cuda=True, use_distributed_optimizer=True, lr=1e-3)
 
-    def step(ns):
-        st = IterationState(tokens, mask, torch.full((4,), 24), torch.zeros(4, dtype=torch.bool), [""] * 4, [""] * 4)
-        Trainer.score_teacher(ns, st, mbs)
-        Trainer.old_log_probs(ns, st, mbs)
-        return Trainer.update(ns, st, mbs)
+    def step(st):
+        scores = teacher_phase(teacher, mbs)
+        old = old_log_probs_phase(st, objective, mbs)
+        u = update_phase(st, objective, mbs, scores, old, mini_batches=1)
+        return objective.reduce({k: float(v) for k, v in u.sums.items()})
 
-    def opt_state(ns, loading):
-        msd = model_sharded_state_dict(ns.student)["model"]
-        return ns.optimizer.sharded_state_dict(msd, is_loading=loading, metadata=meta)
-
-    def weights(ns):
-        return {k: v.detach().float().cpu().clone() for k, v in unwrap(ns.student[0]).named_parameters()}
+    def weights(st):
+        return {k: v.detach().float().cpu().clone() for k, v in unwrap(st.chunks[0]).named_parameters()}
 
     a = make(1)
     inner = getattr(a.optimizer, "chained_optimizers", [a.optimizer])
     assert any(type(o).__name__ == "DistributedOptimizer" for o in inner), [type(o).__name__ for o in inner]
     step(a)
     step(a)
-    save_checkpoint(tmp_path / "ck", 2, a.student, extra_sharded={"optimizer": opt_state(a, False)},
-                    extra_common={"scheduler": a.scheduler.state_dict()})
+    save_train_state(tmp_path / "ck", 2, a, _Loader())
     w_2 = weights(a)
     m3a = step(a)
     w_a = weights(a)
 
     b = make(2)
-    for opt in getattr(b.optimizer, "chained_optimizers", [b.optimizer]):
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-            opt._init_optimizer_states_with_dummy_values()
-    it, common, extra = load_checkpoint(tmp_path / "ck", b.student, extra_sharded={"optimizer": opt_state(b, True)})
-    b.optimizer.load_state_dict(extra["optimizer"])
-    b.scheduler.load_state_dict(common["scheduler"])
-    assert it == 2
+    assert resume_train_state(tmp_path / "ck", b, _Loader()) == 2
     m3b = step(b)
     # the loss of step 3 is computed before its update: the weights after step 2 were restored
     assert m3b["loss"] == pytest.approx(m3a["loss"], rel=1e-4, abs=1e-6), (m3a["loss"], m3b["loss"])

@@ -119,7 +119,7 @@ def build_model_generator(args: argparse.Namespace):
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     lm = load_eval_model(args.model, params_dtype=dtype, progress=not args.no_progress)
     local = local_generator(lm.chunks, lm.tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, eos_ids=lm.eos_ids, engine=args.engine,
+                            top_p=args.top_p, stop_ids=lm.stop_ids(args.chat_template), engine=args.engine,
                             max_batch_size=args.max_batch_size, kv_buffer_gb=args.kv_buffer_gb)
     return DistributedGenerator(local), lm.tokenizer
 

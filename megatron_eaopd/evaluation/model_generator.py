@@ -5,10 +5,9 @@ Pieces (all follow the ``Generator`` protocol of :mod:`megatron_eaopd.evaluation
 * :func:`load_eval_model` builds this rank's ``GPTModel`` at the current TP/PP from a Megatron
   checkpoint (any TP/PP it was saved with: torch_dist reshards on load) or a Hugging Face folder
   (converted on the fly), and the tokenizer from the checkpoint's ``hf_assets``.
-* :func:`local_generator` samples on this model-parallel group: :class:`~megatron_eaopd.rollout.
-  MegatronGenerator` over a :class:`~megatron_eaopd.rollout.Rollout` (static engine on CPU, dynamic
-  on GPU) at PP = 1, or the same adaptor over :func:`~megatron_eaopd.rollout.sample_with_recompute`
-  at PP > 1.
+* :func:`local_generator` samples on this model-parallel group: :class:`MegatronGenerator` (the
+  runner's ``Generator`` protocol) over the rollout engine :func:`~megatron_eaopd.rollout.factory.make_engine`
+  picks (static on CPU, dynamic on GPU, recompute at PP > 1).
 * :class:`DistributedGenerator` runs the runner on global rank 0 only (it writes the outputs and
   grades) while every other rank serves: rank 0 broadcasts each ``generate(prompts, n, seed)`` call,
   each data-parallel replica samples a contiguous share of the prompts, and rank 0 gathers the
@@ -30,11 +29,15 @@ import torch
 import torch.distributed as dist
 
 from megatron_eaopd.evaluation.runner import Generator, Sample
+from megatron_eaopd.rollout import RolloutParams, stop_token_ids
+from megatron_eaopd.rollout.engine import RolloutEngine
+from megatron_eaopd.rollout.factory import make_engine
 
 __all__ = [
     "LoadedModel",
     "resolve_model_source",
     "load_eval_model",
+    "MegatronGenerator",
     "local_generator",
     "DistributedGenerator",
     "setup_eval_parallel",
@@ -58,13 +61,10 @@ class LoadedModel:
     path: str
     iteration: int | None = None
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        """EOS ids from the model config / generation_config, else the tokenizer's EOS."""
-        ids = tuple(self.info.eos_token_ids)
-        if not ids and getattr(self.tokenizer, "eos_token_id", None) is not None:
-            ids = (int(self.tokenizer.eos_token_id),)
-        return ids
+    def stop_ids(self, chat_template: bool = False) -> tuple[int, ...]:
+        """Every id that ends a response: the model config / generation_config EOS ids, the tokenizer's
+        EOS and, with ``chat_template``, the template's end-of-turn (:func:`megatron_eaopd.rollout.stop_token_ids`)."""
+        return stop_token_ids(self.tokenizer, self.info.eos_token_ids, chat_template)
 
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[str, Path, Path]:
@@ -144,50 +144,100 @@ def load_eval_model(path: str | os.PathLike, params_dtype: torch.dtype | None = 
     return LoadedModel(chunks, info, tok, str(assets), kind, str(weights), iteration)
 
 
-class _RecomputeRollout:
-    """Rollout-shaped adaptor over :func:`~megatron_eaopd.rollout.sample_with_recompute` (any TP/PP)."""
+class MegatronGenerator:
+    """Evaluation adaptor: the ``Generator`` protocol of ``megatron_eaopd.evaluation.runner``.
 
-    def __init__(self, chunks: list, tokenizer):
-        self.chunks = chunks
-        self.hf_tokenizer = tokenizer
+    ``generate(prompts, n, seed)`` renders each prompt text (optionally with the tokenizer's chat
+    template), samples ``n`` responses with a rollout engine and returns, per prompt, ``n`` samples
+    with ``text``, ``num_tokens`` (response tokens, stop token excluded) and ``truncated`` (hit
+    ``max_new_tokens``).
 
-    def generate(self, prompts, params, call_index=None):
-        from megatron_eaopd.rollout import sample_with_recompute
+    Args:
+        engine: a :class:`~megatron_eaopd.rollout.engine.RolloutEngine` (it owns the stop ids).
+        max_new_tokens, temperature, top_p: sampling settings (paper eval: 8192, 1.0, 0.8).
+        chat_template: wrap each prompt as one user turn with the tokenizer's chat template.
+        chat_template_kwargs: passed to ``apply_chat_template`` (e.g. ``enable_thinking=False``).
+        batch_size: prompts per engine call (None = all).
+    """
 
-        return sample_with_recompute(self.chunks, self.hf_tokenizer, prompts, params, call_index=call_index or 0)
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        max_new_tokens: int = 8192,
+        temperature: float = 1.0,
+        top_p: float = 0.8,
+        chat_template: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        batch_size: int | None = None,
+    ):
+        self.engine = engine
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.chat_template = chat_template
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.batch_size = batch_size
+
+    def encode(self, text: str) -> list[int]:
+        """Prompt text -> ids (chat template applied when configured)."""
+        tok = self.engine.hf_tokenizer
+        if self.chat_template:
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True,
+                **self.chat_template_kwargs,
+            )
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(tok.encode(text, add_special_tokens=False))
+
+    def generate(self, prompts: list[str], n: int, seed: int) -> list[list[Sample]]:
+        """Sample ``n`` responses per prompt; returns ``[len(prompts)][n]`` Sample objects.
+
+        Collective over the model's TP group. Deterministic for a given ``seed`` (the call index
+        is the batch index within this call).
+        """
+        params = RolloutParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens, n=n,
+                               seed=seed)
+        ids = [self.encode(p) for p in prompts]
+        bs = self.batch_size or max(1, len(ids))
+        out: list[list[Sample]] = []
+        for ci, start in enumerate(range(0, len(ids), bs)):
+            batch = self.engine.generate(ids[start : start + bs], params, call_index=ci)
+            for i in range(len(batch.response_texts) // n):
+                group = []
+                for b in range(i * n, (i + 1) * n):
+                    fin = bool(batch.finished[b])
+                    group.append(Sample(
+                        text=batch.response_texts[b],
+                        num_tokens=int(batch.response_lengths[b]) - int(fin),
+                        truncated=not fin,
+                    ))
+                out.append(group)
+        return out
 
 
-def local_generator(chunks: list, tokenizer, *, max_new_tokens: int = 8192, temperature: float = 1.0,
-                    top_p: float = 0.8, eos_ids: Sequence[int] = (), engine: str = "auto",
-                    max_batch_size: int | None = None, rollout: Any = None,
+def local_generator(chunks: list, tokenizer, *, stop_ids: Sequence[int], max_new_tokens: int = 8192,
+                    temperature: float = 1.0, top_p: float = 0.8, engine: str = "auto",
+                    max_batch_size: int | None = None, rollout_engine: Any = None,
                     kv_buffer_gb: float = 20.0) -> Generator:
     """A Generator that samples on THIS model-parallel group (collective over its TP/PP ranks).
 
     Prompts reach it as finished text (the runner applies the suffix and any chat template), so the
     adaptor only tokenises them (no special tokens added).
     Args: chunks: model chunks at the current TP/PP (wrapped or not); tokenizer: HF tokenizer;
-        max_new_tokens, temperature, top_p: sampling (paper: 8192, 1.0, 0.8); eos_ids: stop ids
-        (first = the engine's stop id; default the tokenizer's EOS); engine: ``auto`` | ``static`` |
-        ``dynamic`` (PP = 1); max_batch_size: sequences per engine batch (default: all rows of a
-        call); rollout: reuse an existing :class:`~megatron_eaopd.rollout.Rollout` on the same model
-        (e.g. the trainer's) instead of building a new engine; kv_buffer_gb: dynamic engine buffer.
-    Returns: a :class:`~megatron_eaopd.rollout.MegatronGenerator`.
-    Raises: ValueError for bad sampling settings (on first use) or an unknown engine.
-    Source: megatron_eaopd.rollout (Rollout at PP = 1, sample_with_recompute at PP > 1).
+        stop_ids: ids that end a response (:func:`megatron_eaopd.rollout.stop_token_ids`);
+        max_new_tokens, temperature, top_p: sampling (paper: 8192, 1.0, 0.8); engine: ``auto`` |
+        ``static`` | ``dynamic`` | ``recompute`` (:func:`megatron_eaopd.rollout.factory.make_engine`);
+        max_batch_size: sequences per engine batch (default: all rows of a call); rollout_engine:
+        reuse an existing engine on the same model (e.g. the trainer's) instead of building one;
+        kv_buffer_gb: dynamic engine buffer.
+    Returns: a :class:`MegatronGenerator`.
+    Raises: ValueError for bad sampling settings (on first use) or an engine that cannot run here.
     """
-    from megatron.core import parallel_state as ps
-
-    from megatron_eaopd.models.provider import unwrap
-    from megatron_eaopd.rollout import MegatronGenerator, Rollout
-
-    if rollout is None:
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            rollout = _RecomputeRollout(list(chunks), tokenizer)
-        else:
-            rollout = Rollout(unwrap(chunks[0]), tokenizer, engine=engine, max_batch_size=max_batch_size,
-                              dynamic_buffer_size_gb=kv_buffer_gb)
-    return MegatronGenerator(rollout, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             chat_template=False, eos_ids=tuple(eos_ids))
+    if rollout_engine is None:
+        rollout_engine = make_engine(list(chunks), tokenizer, stop_ids=stop_ids, kind=engine,
+                                     max_batch_size=max_batch_size, kv_buffer_gb=kv_buffer_gb)
+    return MegatronGenerator(rollout_engine, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             chat_template=False)
 
 
 def _split(n_items: int, parts: int, idx: int) -> tuple[int, int]:

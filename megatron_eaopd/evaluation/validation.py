@@ -60,7 +60,7 @@ def _chunks(model: Any) -> list:
 
 
 def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, out_dir: str | Path,
-                   eos_ids: Sequence[int] = (), chat_template: bool = False, *, rollout: Any = None,
+                   stop_ids: Sequence[int], chat_template: bool = False, *, rollout_engine: Any = None,
                    seed: int = 0, grading_workers: int = 1, grading_timeout: float = 10.0,
                    engine: str = "auto", max_batch_size: int | None = None) -> dict[str, float]:
     """Evaluate the current model on the held-out files of ``eval_cfg``; collective over ALL ranks.
@@ -73,10 +73,10 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
             ``files``, ``n``, ``k``, ``limit``, ``max_new_tokens``, ``temperature``, ``top_p``).
         iteration: the training iteration (names the output folder).
         out_dir: parent folder; this call writes ``out_dir/iter_%07d/`` (recreated from scratch).
-        eos_ids: stop ids (first = the engine's stop id; default the tokenizer's EOS).
+        stop_ids: ids that end a response (:func:`megatron_eaopd.rollout.stop_token_ids`).
         chat_template: wrap prompts in the tokenizer's chat template (thinking off), as in training.
-        rollout: an existing :class:`~megatron_eaopd.rollout.Rollout` over the same model to reuse
-            (the trainer's ``self._rollout``; PP = 1), instead of building a second engine.
+        rollout_engine: an existing rollout engine over the same model to reuse (the trainer's),
+            instead of building a second one.
         seed: sampling seed (the same every call, so iterations are compared on the same draws).
         grading_workers, grading_timeout: math-verify worker processes / seconds per sample.
         engine, max_batch_size: passed to :func:`~megatron_eaopd.evaluation.model_generator.local_generator`.
@@ -103,8 +103,8 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
     chunks = _chunks(model)
     modes = [c.training for c in chunks]
     local = local_generator(chunks, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                            top_p=cfg.top_p, eos_ids=tuple(eos_ids), engine=engine, max_batch_size=max_batch_size,
-                            rollout=rollout)
+                            top_p=cfg.top_p, stop_ids=tuple(stop_ids), engine=engine, max_batch_size=max_batch_size,
+                            rollout_engine=rollout_engine)
     gen = DistributedGenerator(local)
     rank0 = not gen.distributed or dist.get_rank() == 0
     t0 = time.perf_counter()

@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
+from pydantic import Field, field_validator, model_validator
+
+from megatron_eaopd.loss.gates import GATES
+from megatron_eaopd.settings import FrozenSettings
 
 from megatron_eaopd.loss.vocab_parallel import (
     _shard,
@@ -38,12 +42,11 @@ from megatron_eaopd.loss.vocab_parallel import (
 )
 from megatron_eaopd.loss.vocab_parallel import _check_same_shards, _rows, _stats_forward
 
-__all__ = ["EOPDConfig", "TeacherSignals", "teacher_signals", "eopd_loss", "METRIC_KEYS"]
+__all__ = ["EOPDConfig", "TeacherSignals", "teacher_signals", "eopd_loss", "eopd_loss_sums", "reduce_metric_sums",
+           "METRIC_KEYS", "METRIC_DENOMINATORS"]
 
-_MODES = ("topk", "full")
 #: Smallest student rest-of-vocabulary mass used by fkl_support="tail" (fp32 log-prob resolution).
 _TAIL_FLOOR = 1e-9
-_SUPPORTS = ("renormalize", "raw", "tail")
 
 #: Keys of the metrics dict returned by :func:`eopd_loss` (token means unless noted).
 METRIC_KEYS = (
@@ -60,52 +63,65 @@ METRIC_KEYS = (
     "num_gated",  # count of gated valid tokens (a sum, for exact aggregation)
 )
 
+#: What :func:`reduce_metric_sums` divides each summed quantity by: ``"num_tokens"`` (a token mean),
+#: ``"num_gated"`` (a mean over gated tokens) or None (reported as the sum itself: a count).
+METRIC_DENOMINATORS: dict[str, str | None] = {
+    **{k: "num_tokens" for k in METRIC_KEYS},
+    "fkl_gated": "num_gated",
+    "num_gated": None,
+    "loss": "num_tokens",
+    "num_tokens": None,
+}
 
-@dataclass(frozen=True)
-class EOPDConfig:
-    """Hyperparameters of the EOPD loss (method.md; paper values are the defaults).
+
+class EOPDConfig(FrozenSettings):
+    """Hyperparameters of the EOPD loss (docs/method.md; paper values are the defaults).
+
+    This one class is both the runtime configuration of the loss and the ``loss`` section of the
+    trainer's YAML schema (:class:`megatron_eaopd.config.Config`): its rules live here only.
 
     Attributes:
         mode: ``"topk"`` (the paper, Eq. 7-10) or ``"full"`` (exact full-vocabulary KLs).
-        tau: teacher-entropy threshold in nats; the gate is ``H_T > tau`` (strict), paper 0.8.
-        alpha: weight of the forward-KL term; 0 gives plain OPD. Paper 1.0.
-        clip_eps: PPO clip range for the ratio in the reverse-KL term (topk mode). 0.2 (verl default).
-        top_k: size of the teacher's top-k support K_t. Paper 16.
+        tau: teacher-entropy threshold in nats (>= 0); the hard gate is ``H_T > tau``. Paper 0.8.
+        alpha: weight of the forward-KL term (>= 0); 0 gives plain OPD. Paper 1.0.
+        clip_eps: PPO clip range of the ratio in the reverse-KL term (topk mode), in (0, 1). 0.2 (verl).
+        top_k: size of the teacher's top-k support K_t (>= 1). Paper 16.
         fkl_support: ``"renormalize"``, ``"raw"`` or ``"tail"`` (see module docstring).
-        temperature: both models' logits are divided by it before any softmax. Paper 1.0.
-        vocab_size: the tokenizer's true vocabulary size; padded rows beyond it get zero probability.
+        gate: name of the entropy gate in :data:`megatron_eaopd.loss.gates.GATES` (``"hard"``: the paper's).
+        temperature: both models' logits are divided by it before any softmax (> 0). Paper 1.0.
+        vocab_size: the tokenizer's true vocabulary size (>= 1); padded rows beyond it get zero
+            probability. None = every logit column is a real token (the trainer fills it in at start).
     Raises:
-        ValueError: on an unknown mode/support or an out-of-range number (message names the field).
+        pydantic.ValidationError (a ``ValueError``): an unknown key, mode, support or gate,
+        an out-of-range number, inf/NaN, or ``top_k > vocab_size``; the message names the field.
     """
 
     mode: Literal["topk", "full"] = "topk"
-    tau: float = 0.8
-    alpha: float = 1.0
-    clip_eps: float = 0.2
-    top_k: int = 16
+    tau: float = Field(0.8, ge=0)
+    alpha: float = Field(1.0, ge=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    top_k: int = Field(16, ge=1)
     fkl_support: Literal["renormalize", "raw", "tail"] = "renormalize"
-    temperature: float = 1.0
-    vocab_size: int | None = None
+    gate: str = "hard"
+    temperature: float = Field(1.0, gt=0)
+    vocab_size: int | None = Field(None, ge=1)
 
-    def __post_init__(self):
-        if self.mode not in _MODES:
-            raise ValueError(f"EOPDConfig.mode={self.mode!r} is not one of {list(_MODES)}")
-        if self.fkl_support not in _SUPPORTS:
-            raise ValueError(f"EOPDConfig.fkl_support={self.fkl_support!r} is not one of {list(_SUPPORTS)}")
-        for name, lo in (("tau", 0.0), ("alpha", 0.0), ("clip_eps", 0.0)):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo:
-                raise ValueError(f"EOPDConfig.{name}={v!r} must be a finite number >= {lo}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"EOPDConfig.top_k={self.top_k!r} must be a positive integer")
-        if not isinstance(self.temperature, (int, float)) or not (self.temperature > 0) or not math.isfinite(
-            self.temperature
-        ):
-            raise ValueError(f"EOPDConfig.temperature={self.temperature!r} must be a positive finite number")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size < 1):
-            raise ValueError(f"EOPDConfig.vocab_size={self.vocab_size!r} must be a positive integer or None")
+    @field_validator("gate")
+    @classmethod
+    def _known_gate(cls, v: str) -> str:
+        if v not in GATES:
+            raise ValueError(f"gate {v!r} is not one of {sorted(GATES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _top_k_fits(self):
         if self.vocab_size is not None and self.top_k > self.vocab_size:
-            raise ValueError(f"EOPDConfig.top_k={self.top_k} is larger than vocab_size={self.vocab_size}")
+            raise ValueError(f"top_k ({self.top_k}) exceeds vocab_size ({self.vocab_size})")
+        return self
+
+    def with_vocab_size(self, vocab_size: int) -> "EOPDConfig":
+        """A validated copy with ``vocab_size`` set (the tokenizer's true vocabulary, resolved at start)."""
+        return EOPDConfig(**{**self.model_dump(), "vocab_size": int(vocab_size)})
 
 
 @dataclass
@@ -243,35 +259,51 @@ def _topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> to
     return term.sum(-1)
 
 
-def _masked_mean(x: torch.Tensor, m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    return (x.detach().float() * m).sum() / n.clamp(min=1)
+def _masked_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    return (x.detach().float() * m).sum()
 
 
-def eopd_loss(
+def reduce_metric_sums(sums: Mapping[str, float | torch.Tensor],
+                       denominators: Mapping[str, str | None] = METRIC_DENOMINATORS) -> dict:
+    """Turn summed metrics into means: the one place that knows how each metric averages.
+
+    Args:
+        sums: metric name -> sum over any number of micro-batches / DP ranks (floats or 0-dim
+            tensors), including the counts ``num_tokens`` and ``num_gated`` (as :func:`eopd_loss_sums`
+            returns them, added key by key).
+        denominators: metric -> the count it is divided by, or None to keep the sum (a count).
+    Returns:
+        ``{name: mean}`` for every key of ``sums`` (same type as the inputs); a mean over zero
+        tokens is 0.
+    Raises:
+        KeyError: a metric without a denominator rule, or a denominator count missing from ``sums``.
+    """
+    out = {}
+    for k, v in sums.items():
+        den = denominators[k]
+        if den is None:
+            out[k] = v
+        else:
+            d = sums[den]
+            out[k] = v / (d.clamp(min=1) if isinstance(d, torch.Tensor) else max(float(d), 1.0))
+    return out
+
+
+def eopd_loss_sums(
     student_logits: torch.Tensor, sig: TeacherSignals, old_log_probs: torch.Tensor, loss_mask: torch.Tensor,
     cfg: EOPDConfig, *, group=None, chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """EOPD loss (Eq. 9) of one micro-batch, in Megatron's per-token-loss convention.
+    """EOPD loss (Eq. 9) of one micro-batch, with its metrics as sums (for exact aggregation).
 
-    Args:
-        student_logits: ``[B, S, V_local]`` vocab-parallel student logits (requires grad; any float dtype).
-        sig: :class:`TeacherSignals` for the same ``[B, S]`` rows (``sig.logits`` needed for mode="full").
-        old_log_probs: ``[B, S]`` fp32 ``log pi_old(y_t)`` of the rollout policy (recomputed by the trainer).
-        loss_mask: ``[B, S]`` 0/1 (bool or float): response tokens that count.
-        cfg: :class:`EOPDConfig`.
-        group: tensor-parallel group (default: Megatron's).
+    Args: as :func:`eopd_loss`.
     Returns:
-        ``(loss_sum, num_tokens, metrics)``: ``loss_sum`` is a 0-dim fp32 tensor
-        ``sum_t m_t l_t`` (nats; differentiable w.r.t. ``student_logits``), ``num_tokens`` the 0-dim
-        int64 count ``sum_t m_t``; divide the sum over all micro-batches and DP ranks by the total
-        token count for the paper's token mean (method.md step 4). ``metrics`` maps each of
-        :data:`METRIC_KEYS` to a detached 0-dim fp32 tensor: token means over this call's valid tokens
-        (0 when there are none), except ``num_gated`` (a count). Aggregate across micro-batches with
-        ``num_tokens`` as weights (``fkl_gated`` with ``num_gated``).
-    Raises:
-        ValueError: mismatched shapes or vocab shards, unknown options, k > vocabulary, NaN in the inputs
-        (the message names the tensor and the position), a TP group that does not divide the vocabulary.
-    Source: Jin et al. 2026, Eq. 7-10; method.md "The objective" and "Exact full-vocabulary mode".
+        ``(loss_sum, num_tokens, sums)``: ``loss_sum`` and ``num_tokens`` as in :func:`eopd_loss`;
+        ``sums`` maps every key of :data:`METRIC_KEYS` plus ``"loss"`` and ``"num_tokens"`` to a
+        detached 0-dim fp32 tensor: the sum over this call's valid tokens (gated ones for
+        ``fkl_gated``; counts for ``num_gated`` / ``num_tokens``). Add them over micro-batches and
+        DP ranks, then :func:`reduce_metric_sums` gives the global means.
+    Raises: as :func:`eopd_loss`.
+    Source: Jin et al. 2026, Eq. 7-10; docs/method.md "The objective" and "Exact full-vocabulary mode".
     """
     if not isinstance(cfg, EOPDConfig):
         raise ValueError(f"cfg must be an EOPDConfig, got {type(cfg).__name__}")
@@ -304,7 +336,7 @@ def eopd_loss(
     # masked positions get neutral values so that no inf/NaN enters the graph (0 * inf = NaN in backward)
     old = torch.where(valid, old_log_probs.float(), torch.zeros((), device=mask.device))
     t_lp_target = torch.where(valid, sig.target_log_probs.float(), torch.zeros((), device=mask.device))
-    gate = ((sig.entropy > cfg.tau) & valid).float()
+    gate = torch.where(valid, GATES[cfg.gate](torch.where(valid, sig.entropy.float(), 0.0), cfg), 0.0)
 
     if cfg.mode == "topk":
         s_lp, s_ent = vocab_parallel_log_probs_and_entropy(student_logits, ids, **kw)
@@ -344,23 +376,55 @@ def eopd_loss(
     per_token = torch.where(valid, per_token, torch.zeros((), device=mask.device))
     loss_sum = (per_token * mask).sum()
     num_tokens = valid.sum()
-    n = num_tokens.float()
-    n_gated = gate.sum()
     with torch.no_grad():
-        metrics = {
-            "rkl_term": _masked_mean(l_rkl, mask, n),
-            "fkl_term": _masked_mean(gate * l_fkl, mask, n),
-            "gate_fraction": _masked_mean(gate, mask, n),
-            "teacher_entropy": _masked_mean(torch.where(valid, sig.entropy.float(), 0.0), mask, n),
-            "student_entropy": _masked_mean(torch.where(valid, s_ent, 0.0), mask, n),
-            "fkl_gated": (torch.where(valid, l_fkl.detach(), 0.0) * gate).sum() / n_gated.clamp(min=1),
-            "log_ratio": _masked_mean(lp - old, mask, n),
-            "clip_fraction": _masked_mean(clip_frac_tok, mask, n),
-            "student_topk_mass": _masked_mean(torch.where(valid, s_lp_ids[..., 1:].exp().sum(-1), 0.0), mask, n),
-            "teacher_student_log_ratio": _masked_mean(t_lp_target - lp, mask, n),
-            "num_gated": n_gated.detach(),
+        sums = {
+            "rkl_term": _masked_sum(l_rkl, mask),
+            "fkl_term": _masked_sum(gate * l_fkl, mask),
+            "gate_fraction": _masked_sum(gate, mask),
+            "teacher_entropy": _masked_sum(torch.where(valid, sig.entropy.float(), 0.0), mask),
+            "student_entropy": _masked_sum(torch.where(valid, s_ent, 0.0), mask),
+            "fkl_gated": (torch.where(valid, l_fkl.detach(), 0.0) * gate).sum(),
+            "log_ratio": _masked_sum(lp - old, mask),
+            "clip_fraction": _masked_sum(clip_frac_tok, mask),
+            "student_topk_mass": _masked_sum(torch.where(valid, s_lp_ids[..., 1:].exp().sum(-1), 0.0), mask),
+            "teacher_student_log_ratio": _masked_sum(t_lp_target - lp, mask),
+            "num_gated": gate.sum().detach(),
+            "loss": loss_sum.detach().float(),
+            "num_tokens": num_tokens.float(),
         }
-    return loss_sum, num_tokens, metrics
+    return loss_sum, num_tokens, sums
+
+
+def eopd_loss(
+    student_logits: torch.Tensor, sig: TeacherSignals, old_log_probs: torch.Tensor, loss_mask: torch.Tensor,
+    cfg: EOPDConfig, *, group=None, chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """EOPD loss (Eq. 9) of one micro-batch, in Megatron's per-token-loss convention.
+
+    Args:
+        student_logits: ``[B, S, V_local]`` vocab-parallel student logits (requires grad; any float dtype).
+        sig: :class:`TeacherSignals` for the same ``[B, S]`` rows (``sig.logits`` needed for mode="full").
+        old_log_probs: ``[B, S]`` fp32 ``log pi_old(y_t)`` of the rollout policy (recomputed by the trainer).
+        loss_mask: ``[B, S]`` 0/1 (bool or float): response tokens that count.
+        cfg: :class:`EOPDConfig`.
+        group: tensor-parallel group (default: Megatron's).
+    Returns:
+        ``(loss_sum, num_tokens, metrics)``: ``loss_sum`` is a 0-dim fp32 tensor
+        ``sum_t m_t l_t`` (nats; differentiable w.r.t. ``student_logits``), ``num_tokens`` the 0-dim
+        int64 count ``sum_t m_t``; divide the sum over all micro-batches and DP ranks by the total
+        token count for the paper's token mean (docs/method.md, step 4). ``metrics`` maps each of
+        :data:`METRIC_KEYS` to a detached 0-dim fp32 tensor: token means over this call's valid tokens
+        (0 when there are none), except ``num_gated`` (a count). To aggregate several calls exactly,
+        use :func:`eopd_loss_sums` and :func:`reduce_metric_sums`.
+    Raises:
+        ValueError: mismatched shapes or vocab shards, unknown options, k > vocabulary, NaN in the inputs
+        (the message names the tensor and the position), a TP group that does not divide the vocabulary.
+    Source: Jin et al. 2026, Eq. 7-10; docs/method.md "The objective" and "Exact full-vocabulary mode".
+    """
+    loss_sum, num_tokens, sums = eopd_loss_sums(student_logits, sig, old_log_probs, loss_mask, cfg, group=group,
+                                                chunk_size=chunk_size)
+    means = reduce_metric_sums(sums)
+    return loss_sum, num_tokens, {k: means[k] for k in METRIC_KEYS}
 
 
 def _check_finite(name: str, t: torch.Tensor, valid: torch.Tensor, allow_inf: bool = True) -> None:
