@@ -36,6 +36,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.distributed import unwrap
+from megatron_eaopd.dtypes import dtype_name
+
 __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
@@ -144,8 +147,6 @@ def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
 def model_sharded_state_dict(model_chunks: list) -> dict:
     """``{"model": sd}`` (one chunk) or ``{"model0": sd0, "model1": ...}`` (virtual pipeline), as
     Megatron-LM names them. DDP / Float16Module wrappers are unwrapped."""
-    from megatron_eaopd.models.provider import unwrap
-
     if len(model_chunks) == 1:
         return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
     return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
@@ -180,9 +181,6 @@ def save_checkpoint(
         ValueError: a key of ``extra_sharded`` / ``extra_common`` collides with the model or reserved keys.
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_eaopd.models.hf import dtype_name
-    from megatron_eaopd.models.provider import unwrap
 
     root = Path(ckpt_dir)
     name = iter_dir_name(iteration)
@@ -278,8 +276,6 @@ def load_checkpoint(
         RuntimeError: architecture/vocabulary differs from the checkpoint's (names both).
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_eaopd.models.provider import unwrap
 
     d = resolve_checkpoint(ckpt_dir, iteration)
     meta = json.loads((d / META_FILE).read_text())
