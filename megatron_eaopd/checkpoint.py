@@ -17,8 +17,8 @@ Any TP/PP can load any other TP/PP's checkpoint (torch_dist resharding; padded v
 allowed to differ — megatron marks them ``allow_shape_mismatch``).
 
 The trainer adds optimizer / scheduler / RNG / data state through ``extra_sharded`` (sharded state,
-e.g. ``{"optimizer": opt.sharded_state_dict(model_sd)}``) and ``extra_common`` (plain picklable
-objects saved once by rank 0).
+e.g. ``{"optimizer": ...}`` from :func:`megatron_eaopd.checkpoint_optimizer.optimizer_sharded_state_dict`)
+and ``extra_common`` (plain picklable objects saved once by rank 0).
 
 Source: follows Megatron-LM ``megatron.training.checkpointing.save_checkpoint`` / ``load_checkpoint``
 (``latest_checkpointed_iteration.txt`` + ``iter_%07d``), simplified.
@@ -346,3 +346,4 @@ def load_checkpoint(
     common = dist_checkpointing.load_common_state_dict(str(d))
     it = int(common.get("iteration", meta.get("iteration", 0)))
     return it, dict(common.get("common", {})), {k: loaded[k] for k in (extra_sharded or {})}
+
