@@ -364,6 +364,7 @@ def test_gpu_distributed_optimizer_checkpoint_roundtrip(mp1, tmp_path):
     """Train 2 steps (bf16, distributed optimizer, DP = 1), save as the trainer does, train a 3rd; a fresh
     student that loads the checkpoint takes the same 3rd step (same loss, same weights)."""
     from megatron_eaopd.checkpoint import load_checkpoint, model_sharded_state_dict, save_checkpoint
+    from megatron_eaopd.checkpoint_optimizer import load_optimizer_state, optimizer_sharded_state_dict
     from megatron_eaopd.loss import EOPDConfig
     from megatron_eaopd.models.provider import build_gpt_model, seed_model_rng, unwrap
     from megatron_eaopd.pipeline import split_micro_batches
@@ -378,7 +379,6 @@ def test_gpu_distributed_optimizer_checkpoint_roundtrip(mp1, tmp_path):
     mask = torch.zeros(4, 32, dtype=torch.bool)
     mask[:, 8:] = True
     mbs = split_micro_batches(tokens, mask, 2, device="cuda")
-    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
 
     def make(seed):
         seed_model_rng(seed)
@@ -396,7 +396,8 @@ def test_gpu_distributed_optimizer_checkpoint_roundtrip(mp1, tmp_path):
 
     def opt_state(ns, loading):
         msd = model_sharded_state_dict(ns.student)["model"]
-        return ns.optimizer.sharded_state_dict(msd, is_loading=loading, metadata=meta)
+        return optimizer_sharded_state_dict(ns.optimizer, msd, use_distributed_optimizer=True, is_loading=loading,
+                                            checkpoint=tmp_path / "ck" if loading else None)
 
     def weights(ns):
         return {k: v.detach().float().cpu().clone() for k, v in unwrap(ns.student[0]).named_parameters()}
@@ -417,7 +418,7 @@ def test_gpu_distributed_optimizer_checkpoint_roundtrip(mp1, tmp_path):
         if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
     it, common, extra = load_checkpoint(tmp_path / "ck", b.student, extra_sharded={"optimizer": opt_state(b, True)})
-    b.optimizer.load_state_dict(extra["optimizer"])
+    load_optimizer_state(b.optimizer, extra["optimizer"])
     b.scheduler.load_state_dict(common["scheduler"])
     assert it == 2
     m3b = step(b)
