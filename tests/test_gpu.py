@@ -5,7 +5,7 @@ sequence parallel, no distributed optimizer, static engine, no teacher offload),
 of the pure selection functions, the benchmark's MFU arithmetic, and ``bench/gpu_suite.sh
 --dry-run`` end to end (it must leave its result file even when a step fails).
 
-GPU part (``@pytest.mark.gpu``, skipped without CUDA by conftest; run on a lent device by
+GPU part (``@pytest.mark.gpu``, skipped without CUDA by conftest; run on a GPU node by
 ``bench/gpu_suite.sh``): TE spec vs local spec logits on the same weights, bf16 EOPD loss vs an
 fp64 reference at V = 151,936, the GPU selection, the dynamic-engine rollout's log-probs vs a full
 forward, and a distributed-optimizer checkpoint save/resume round trip. These run in this process
@@ -14,7 +14,6 @@ forward, and a distributed-optimizer checkpoint save/resume round trip. These ru
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -278,7 +277,7 @@ def test_gpu_te_spec_matches_local_spec(mp1):
     from megatron_eaopd.models.provider import build_gpt_model, forward_logits, te_available
 
     if not te_available():
-        pytest.skip("transformer_engine does not import on this machine (not on the device image; see bench/GPU.md)")
+        pytest.skip("transformer_engine does not import here (pip install -e '.[gpu]'; see bench/GPU.md)")
     te_chunks, te_info = build_gpt_model(TINY, params_dtype=torch.float32, use_te=True)
     loc_chunks, _ = build_gpt_model(TINY, params_dtype=torch.float32, use_te=False, use_cpu_initialization=False)
     assert te_info.use_te and "transformer_engine" in type(te_chunks[0].decoder.layers[0].self_attention.linear_qkv).__module__
@@ -341,8 +340,11 @@ def test_gpu_dynamic_rollout_logprobs_match_full_forward(mp1):
     from megatron_eaopd.models.provider import build_gpt_model, forward_logits
     from megatron_eaopd.rollout import Rollout, RolloutParams
 
-    if importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("megatron-core 0.19.2's dynamic engine needs flash_attn (flash_attn_with_kvcache), absent here")
+    from megatron_eaopd.models.backend import flash_attn_unavailable_reason
+
+    reason = flash_attn_unavailable_reason()
+    if reason:
+        pytest.skip(f"megatron-core's dynamic inference engine cannot run: {reason}")
     chunks, _ = build_gpt_model(TINY, params_dtype=torch.bfloat16, use_cpu_initialization=False)
     ro = Rollout(chunks[0], bgt.SyntheticTokenizer(512, 511), engine="dynamic", dynamic_buffer_size_gb=1.0)
     prompts = [[5, 17, 42, 99, 3, 8], [7, 1], [11, 12, 13, 14, 15]]
