@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a lent device (one H200): install check, GPU tests, loss benchmark,
-# training-iteration benchmark; results in bench/results/gpu_*.json and a summary table printed last.
+# One GPU check (one H200-class GPU): install check, GPU tests, loss benchmark, training-iteration
+# benchmark; results in bench/results/gpu_*.json and a summary table printed last (see bench/GPU.md).
 #
-#   bash bench/gpu_suite.sh             # on the device (see bench/GPU.md for the exact `run` call)
-#   bash bench/gpu_suite.sh --dry-run   # here, on CPU, tiny sizes: checks the script end to end
+#   bash bench/gpu_suite.sh             # on a GPU node
+#   bash bench/gpu_suite.sh --dry-run   # on CPU, tiny sizes: checks the script end to end
 #
 # Options:
 #   --dry-run        tiny sizes, no pip install, results in ${TMPDIR:-/tmp}/gpu_suite_dryrun unless --results
 #   --results DIR    where gpu_suite.json / gpu_loss.json / gpu_train.json / gpu_suite.log go
 #   --steps LIST     comma list out of env,pytest,loss,train (default: all, in that order)
-# Environment: PYTHON (default python3), OUT (device tool: results are also copied there after
+# Environment: PYTHON (default python3), OUT (a folder: results are also copied there after
 # every step), GPU_SUITE_BUDGET_S (total seconds, default 460), GPU_SUITE_FAIL_STEP (test hook:
 # that step runs `false`).
 #
@@ -92,7 +92,7 @@ json.dump(d, open(path, "w"), indent=2)
 PY
 }
 
-# copy the result files to $OUT (device tool) after every step, so a killed run still returns them
+# copy the result files to $OUT after every step, so a killed run still leaves them there
 publish() {
     if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
         local f
@@ -139,7 +139,7 @@ run_step() {
 
 want() { case ",$STEPS," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 
-# ---- (1) install / carry check (run by the suite as a child: bash gpu_suite.sh --internal-env-step) -----
+# ---- (1) installation check (run by the suite as a child: bash gpu_suite.sh --internal-env-step) -----
 step_env() {
     local missing=0 w name have
     have=$(printf '%s\n' "${WHEELS[@]##*/}" | tr '[:upper:]-' '[:lower:]_')
@@ -148,10 +148,10 @@ step_env() {
         case "$w" in ''|'#'*) continue ;; esac
         name=$(echo "${w%%==*}" | tr '[:upper:]-' '[:lower:]_')
         if ! grep -q "^${name}-${w##*==}-" <<<"$have"; then
-            echo "carry: .whl/ lacks $w"; missing=$((missing + 1))
+            echo "wheels: .whl/ lacks $w"; missing=$((missing + 1))
         fi
     done <bench/wheels.txt
-    echo "carry: $missing of the wheels in bench/wheels.txt missing from .whl/"
+    echo "wheels: $missing of the wheels in bench/wheels.txt missing from .whl/"
     if [ "$DRY" = 1 ]; then
         echo "dry-run: pip install from .whl/ skipped"
     elif [ "${#WHEELS[@]}" -gt 0 ]; then
@@ -159,7 +159,7 @@ step_env() {
             || { echo "pip install from .whl/ failed"; return 1; }
         echo "installed ${#WHEELS[@]} wheels into /tmp/site"
     else
-        echo "no .whl/ folder: using the image's packages only"
+        echo "no .whl/ folder: using the installed packages"
     fi
     "$PY" - "$RESULTS/gpu_env.json" <<'PY'
 import importlib, json, subprocess, sys
@@ -229,15 +229,6 @@ if want env; then
     env_args=(--internal-env-step --results "$RESULTS")
     [ "$DRY" = 1 ] && env_args+=(--dry-run)
     run_step env bash "$ROOT/bench/gpu_suite.sh" "${env_args[@]}"
-    if [ "$DRY" = 0 ] && [ -d /tmp/site ]; then
-        # subprocesses that reset PYTHONPATH (bench/bench_loss.py workers, tests' torchrun) still need /tmp/site
-        SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' 2>/dev/null)
-        if [ -n "$SITE" ] && echo /tmp/site >"$SITE/zz_eaopd_carry.pth" 2>/dev/null; then
-            log "wrote $SITE/zz_eaopd_carry.pth (/tmp/site for child processes)"
-        else
-            log "warning: cannot write a .pth into the image's site-packages; bench_loss workers may miss megatron-core"
-        fi
-    fi
 fi
 
 # ---- (2) GPU tests -----------------------------------------------------------------------------------

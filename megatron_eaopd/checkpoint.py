@@ -17,8 +17,8 @@ Any TP/PP can load any other TP/PP's checkpoint (torch_dist resharding; padded v
 allowed to differ — megatron marks them ``allow_shape_mismatch``).
 
 The trainer adds optimizer / scheduler / RNG / data state through ``extra_sharded`` (sharded state,
-e.g. ``{"optimizer": opt.sharded_state_dict(model_sd)}``) and ``extra_common`` (plain picklable
-objects saved once by rank 0).
+e.g. ``{"optimizer": ...}`` from :func:`megatron_eaopd.checkpoint_optimizer.optimizer_sharded_state_dict`)
+and ``extra_common`` (plain picklable objects saved once by rank 0).
 
 Source: follows Megatron-LM ``megatron.training.checkpointing.save_checkpoint`` / ``load_checkpoint``
 (``latest_checkpointed_iteration.txt`` + ``iter_%07d``), simplified.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from megatron_eaopd.distributed import unwrap
+from megatron_eaopd.dtypes import dtype_name
 
 __all__ = [
     "FORMAT_VERSION",
@@ -44,6 +48,7 @@ __all__ = [
     "resolve_checkpoint",
     "read_checkpoint_metadata",
     "model_sharded_state_dict",
+    "load_model_state",
     "save_checkpoint",
     "load_checkpoint",
     "copy_hf_assets",
@@ -55,6 +60,9 @@ ASSETS_DIR = "hf_assets"
 LATEST = "latest"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _WEIGHT_INDEX = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+#: ``..._extra_state`` / ``..._extra_state3`` (TE GroupedLinear): module extra state, not weights
+_EXTRA_STATE = re.compile(r"(^|\.)_extra_state\d*$")
+_SHOWN_KEYS = 20
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -144,11 +152,51 @@ def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
 def model_sharded_state_dict(model_chunks: list) -> dict:
     """``{"model": sd}`` (one chunk) or ``{"model0": sd0, "model1": ...}`` (virtual pipeline), as
     Megatron-LM names them. DDP / Float16Module wrappers are unwrapped."""
-    from megatron_eaopd.models.provider import unwrap
-
     if len(model_chunks) == 1:
         return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
     return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
+
+
+def _key_list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    return shown + (f" ... and {len(keys) - _SHOWN_KEYS} more" if len(keys) > _SHOWN_KEYS else "")
+
+
+def load_model_state(module, state_dict: dict, *, strict: bool = True, source: str = "the checkpoint") -> None:
+    """``module.load_state_dict(state_dict)``, tolerant of absent module extra state only.
+
+    Transformer Engine modules report an ``_extra_state`` entry (FP8 metadata) in ``state_dict()``, but
+    megatron-core leaves some of them out of the sharded state dict, so a torch_dist checkpoint never
+    holds them: ``TEDotProductAttention.sharded_state_dict`` (megatron-core 0.19.2,
+    ``extensions/transformer_engine.py``) returns nothing unless the softmax offset is learnable. A
+    ``strict=True`` torch load then fails on ``...core_attention._extra_state``. So the load is
+    non-strict, and with ``strict`` only missing or unexpected keys other than ``*._extra_state`` fail
+    (as Megatron-LM's ``load_model_state_dict`` falls back to ``strict=False``, but without hiding real
+    weights). Modules whose extra state is absent keep their own (TE's defaults).
+
+    Args:
+        module: the unwrapped model (``GPTModel``).
+        state_dict: as loaded by ``dist_checkpointing.load`` for the model's sharded state dict.
+        strict: fail on missing / unexpected weights.
+        source: names the checkpoint in the error.
+    Raises:
+        RuntimeError: missing / unexpected keys that are not ``_extra_state``, all counted and (up to 20 each)
+            named, with the fix.
+    """
+    result = module.load_state_dict(state_dict, strict=False)
+    if not strict:
+        return
+    missing = sorted(k for k in result.missing_keys if not _EXTRA_STATE.search(k))
+    unexpected = sorted(k for k in result.unexpected_keys if not _EXTRA_STATE.search(k))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weight(s) of the model are not in {source}: {_key_list(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) of {source} are not in the model: {_key_list(unexpected)}")
+        raise RuntimeError("; ".join(parts) + ". The model was built for another architecture or layer spec than the "
+                           "checkpoint; build it from the checkpoint's hf_assets with the same spec, or pass strict=False "
+                           "to load what matches")
 
 
 def save_checkpoint(
@@ -180,9 +228,6 @@ def save_checkpoint(
         ValueError: a key of ``extra_sharded`` / ``extra_common`` collides with the model or reserved keys.
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_eaopd.models.hf import dtype_name
-    from megatron_eaopd.models.provider import unwrap
 
     root = Path(ckpt_dir)
     name = iter_dir_name(iteration)
@@ -269,17 +314,18 @@ def load_checkpoint(
         iteration: load this iteration instead of ``latest``.
         extra_sharded: sharded state templates to load too (e.g. the optimizer's); their loaded
             values are returned.
-        strict: passed to ``load_state_dict`` of each model chunk.
+        strict: fail on weights missing from the checkpoint or unknown to the model; module extra state
+            (``*._extra_state``, which megatron-core leaves out of some TE modules' sharded state) may
+            always be absent (:func:`load_model_state`).
     Returns:
         ``(iteration, common, loaded_extra)``: ``common`` is what ``extra_common`` was at save time,
         ``loaded_extra`` maps each ``extra_sharded`` key to its loaded state.
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
-        RuntimeError: architecture/vocabulary differs from the checkpoint's (names both).
+        RuntimeError: architecture/vocabulary differs from the checkpoint's (names both); with ``strict``,
+            weights missing or unexpected (names them).
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_eaopd.models.provider import unwrap
 
     d = resolve_checkpoint(ckpt_dir, iteration)
     meta = json.loads((d / META_FILE).read_text())
@@ -296,7 +342,8 @@ def load_checkpoint(
     loaded = dist_checkpointing.load(state, str(d))
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for k, m in zip(keys, model_chunks):
-        unwrap(m).load_state_dict(loaded[k], strict=strict)
+        load_model_state(unwrap(m), loaded[k], strict=strict, source=f"checkpoint {d}")
     common = dist_checkpointing.load_common_state_dict(str(d))
     it = int(common.get("iteration", meta.get("iteration", 0)))
     return it, dict(common.get("common", {})), {k: loaded[k] for k in (extra_sharded or {})}
+

@@ -1,14 +1,20 @@
-"""Process-group setup from torchrun or srun environments, and rank helpers.
+"""Process-group setup from torchrun or srun environments, rank helpers, and the wrappers around a model.
 
 torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; a bare
 ``srun`` sets ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (the SLURM launcher exports
-``MASTER_ADDR``/``MASTER_PORT``). Without either, the process is a world of one.
+``MASTER_ADDR``/``MASTER_PORT``). Without either, the process is a world of one
+(:func:`init_world` then picks a free port, so concurrent single-process tools never collide).
+
+:func:`unwrap` lives here, at the bottom of the package, because the wrappers it strips are the
+data-parallel ones (megatron ``DistributedDataParallel`` and its ``Float16Module``) and both
+:mod:`megatron_eaopd.checkpoint` and :mod:`megatron_eaopd.models` need it without importing each other.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -22,11 +28,13 @@ __all__ = [
     "dist_env",
     "init_distributed",
     "init_model_parallel",
+    "init_world",
+    "collective_device",
+    "unwrap",
     "destroy",
     "is_rank0",
     "print_rank0",
     "seed_everything",
-    "collective_device",
     "all_reduce_scalars",
 ]
 
@@ -104,11 +112,78 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, **kwargs) -> None
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch and Megatron's model-parallel RNG tracker (CUDA or its CPU stand-in)."""
+    """Seed torch and Megatron's model-parallel RNG tracker (CUDA or its CPU stand-in).
+
+    The tracker must be seeded before any forward (attention forks it for dropout). Works around a
+    recursion in the CPU layer (``torch.cuda.manual_seed_all`` -> ``torch.manual_seed`` ->
+    ``torch.cuda.manual_seed_all``) by breaking the cycle when it occurs; it cannot occur with CUDA.
+    """
     from megatron.core import tensor_parallel
 
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    try:
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    except RecursionError:
+        torch.cuda.manual_seed_all = lambda *a, **k: None
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _launched() -> bool:
+    """True when a launcher (torchrun, srun) or the user set the rendezvous variables."""
+    return any(k in os.environ for k in ("RANK", "SLURM_PROCID", "MASTER_PORT"))
+
+
+def init_world(tp: int = 1, pp: int = 1, seed: int = 1234) -> int:
+    """Start this process's world and Megatron's TP/PP groups in one call (tools and evaluation).
+
+    Without launcher variables (``RANK``, ``SLURM_PROCID``, ``MASTER_PORT``) and without an initialised
+    process group, the process is a world of one on a free local port. Then :func:`init_distributed`,
+    :func:`init_model_parallel` (DP = world / (tp * pp)) and :func:`seed_everything`.
+
+    Args:
+        tp, pp: tensor / pipeline parallel sizes (>= 1).
+        seed: seed for torch and Megatron's model-parallel RNG tracker.
+    Returns:
+        the world size.
+    Raises:
+        ValueError: ``tp`` or ``pp`` < 1, or ``tp * pp`` does not divide the world size (names the
+            torchrun fix).
+    """
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tp and pp must be >= 1, got tp={tp}, pp={pp}")
+    world = dist.get_world_size() if dist.is_initialized() else dist_env().world_size
+    if world % (tp * pp):
+        raise ValueError(f"tp {tp} x pp {pp} = {tp * pp} does not divide the world size {world}; launch with "
+                         f"torchrun --nproc-per-node {tp * pp} (or a multiple of it: the rest is data parallel)")
+    if not dist.is_initialized() and not _launched():
+        with socket.socket() as s:  # a world of one: any free port (never collide with a concurrent run)
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    init_distributed()
+    init_model_parallel(tp, pp)
+    seed_everything(seed)
+    return dist.get_world_size()
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor must live on to go through a collective of ``group`` (default: the world).
+
+    NCCL takes CUDA tensors only (the current device); gloo takes CPU tensors. Without an initialised
+    process group: the current CUDA device when CUDA is present, else CPU.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if dist.is_initialized() and "nccl" not in str(dist.get_backend(group)).lower():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def unwrap(model):
+    """Strip DDP / Float16Module wrappers (``.module`` chains) and return the inner model (``GPTModel``)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def destroy() -> None:
@@ -131,11 +206,6 @@ def print_rank0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def collective_device() -> torch.device:
-    """Where tensors for collectives must live: the current CUDA device (NCCL), else the CPU (gloo)."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def all_reduce_scalars(values: Mapping[str, float | torch.Tensor], *, group=None, contribute: bool = True,
                        op=dist.ReduceOp.SUM) -> dict[str, float]:
     """All-reduce named scalars in one fp64 collective and return them as Python floats.
@@ -150,7 +220,7 @@ def all_reduce_scalars(values: Mapping[str, float | torch.Tensor], *, group=None
         ``{name: reduced value}`` (the local values when torch.distributed is not initialised).
     """
     keys = list(values)
-    dev = collective_device() if dist.is_initialized() else torch.device("cpu")
+    dev = collective_device(group) if dist.is_initialized() else torch.device("cpu")
     vec = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(dev).reshape(()) for k in keys]) if keys \
         else torch.zeros(0, dtype=torch.float64, device=dev)
     if not contribute:

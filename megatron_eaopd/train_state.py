@@ -26,6 +26,7 @@ from megatron_eaopd.checkpoint import (
     read_checkpoint_metadata,
     save_checkpoint,
 )
+from megatron_eaopd.checkpoint_optimizer import load_optimizer_state, optimizer_sharded_state_dict
 from megatron_eaopd.config.errors import ConfigError
 from megatron_eaopd.distributed import is_rank0, print_rank0
 from megatron_eaopd.student import Student
@@ -34,12 +35,24 @@ __all__ = ["optimizer_sharded_state", "save_train_state", "resume_train_state", 
            "restore_rng"]
 
 
-def optimizer_sharded_state(student: Student, is_loading: bool) -> dict:
-    """The optimizer's sharded state dict for ``dist_checkpointing`` (the distributed optimizer's
-    state resharded on load; see megatron-core ``DistributedOptimizer.sharded_state_dict``)."""
+def optimizer_sharded_state(student: Student, is_loading: bool, checkpoint: str | Path | None = None) -> dict:
+    """The optimizer's sharded state dict for ``dist_checkpointing`` (the distributed optimizer written
+    ``dp_reshardable``: no gather into host memory; see :mod:`megatron_eaopd.checkpoint_optimizer`).
+
+    Args:
+        student: the student.
+        is_loading: build the template a load fills.
+        checkpoint: when loading, the checkpoint (its saved sharding is used).
+    Raises:
+        ConfigError: the checkpoint's optimizer state does not fit this run (optimizer kind, TP/PP).
+    """
     msd = model_sharded_state_dict(student.chunks)["model"]
-    meta = {"distrib_optim_sharding_type": "fully_reshardable"} if student.ddp_config.use_distributed_optimizer else None
-    return student.optimizer.sharded_state_dict(msd, is_loading=is_loading, metadata=meta)
+    try:
+        return optimizer_sharded_state_dict(student.optimizer, msd,
+                                            use_distributed_optimizer=student.ddp_config.use_distributed_optimizer,
+                                            is_loading=is_loading, checkpoint=checkpoint)
+    except ValueError as e:
+        raise ConfigError(f"config error at checkpoint.dir: {e}") from e
 
 
 def rng_states_all_ranks() -> list:
@@ -130,9 +143,9 @@ def resume_train_state(ckpt_dir: str | Path, student: Student, loader,
         if hasattr(opt, "_init_optimizer_states_with_dummy_values"):
             opt._init_optimizer_states_with_dummy_values()
     it, common, extra = load_checkpoint(ckpt_dir, student.chunks,
-                                        extra_sharded={"optimizer": optimizer_sharded_state(student, True)})
+                                        extra_sharded={"optimizer": optimizer_sharded_state(student, True, ckpt_dir)})
     try:
-        student.optimizer.load_state_dict(extra["optimizer"])
+        load_optimizer_state(student.optimizer, extra["optimizer"])
     except (KeyError, ValueError) as e:
         raise ConfigError(
             f"config error at optimizer: the checkpoint in {ckpt_dir} was saved with other optimizer settings "

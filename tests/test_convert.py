@@ -121,6 +121,20 @@ def test_tp2_pp2_logits_and_tied_pp2(parallel):
     assert tied_checked == {"qwen3_tied", "qwen2_bias_bin"}
 
 
+def test_collectives_over_gloo(parallel):
+    """verify_logits' max-reduce and the parameter count's sum run on the collective device (CPU under gloo)
+    and give every rank the same answer: at PP2 only the last stage computes logits."""
+    for tp, pp in ((2, 1), (1, 2)):
+        recs = [r for rank in (0, 1) for r in parallel[rank] if r.get("tp") == tp and r.get("pp") == pp and "verify" in r]
+        assert len(recs) == 2, recs
+        v0, v1 = recs[0]["verify"], recs[1]["verify"]
+        assert v0 == v1 and v0["passed"] and v0["tokens"] == 16, (v0, v1)
+        assert 0.0 < v0["max_abs_diff"] <= FP32_TOL and v0["top1_agreement"] == 1.0, v0
+        counts = recs[0]["count_all"]
+        assert counts == recs[1]["count_all"] and [r["count_local"] for r in recs] == counts
+        assert recs[0]["count_sum"] == recs[1]["count_sum"] == sum(counts)  # model-parallel group = both ranks
+
+
 def test_export_of_tp2_checkpoint_via_cli(work, parallel):
     out = work / "export_tp2"
     s = _summary(_cli("export", "--ckpt", work / "ckpt_tp2" / KINDS[0], "--out", out, "--no-progress"))

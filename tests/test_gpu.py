@@ -5,7 +5,7 @@ sequence parallel, no distributed optimizer, static engine, no teacher offload),
 of the pure selection functions, the benchmark's MFU arithmetic, and ``bench/gpu_suite.sh
 --dry-run`` end to end (it must leave its result file even when a step fails).
 
-GPU part (``@pytest.mark.gpu``, skipped without CUDA by conftest; run on a lent device by
+GPU part (``@pytest.mark.gpu``, skipped without CUDA by conftest; run on a GPU node by
 ``bench/gpu_suite.sh``): TE spec vs local spec logits on the same weights, bf16 EOPD loss vs an
 fp64 reference at V = 151,936, the GPU selection, the dynamic-engine rollout's log-probs vs a full
 forward, and a distributed-optimizer checkpoint save/resume round trip. These run in this process
@@ -249,7 +249,7 @@ def test_gpu_trainer_setup_selection(mp1):
     sel = bgt.selection_report(student.chunks[0], student.info, student.ddp_config, ro, teacher)
     assert sel["overlap_grad_reduce"] and sel["overlap_param_gather"] and sel["use_distributed_optimizer"]
     assert sel["grad_reduce_in_fp32"] and sel["params_dtype"] == "bfloat16"
-    assert sel["rollout_engine"] == ("dynamic" if flash_attn_available()[0] else "static")
+    assert sel["rollout_engine"] == ("dynamic" if flash_attn_available() else "static")
     assert sel["teacher_offload"] is True
     p = next(tchunks[0].parameters())
     assert p.device.type == "cpu" and p.is_pinned()  # offloaded between phases, pinned for async copies
@@ -275,7 +275,7 @@ def test_gpu_te_spec_matches_local_spec(mp1):
     from megatron_eaopd.models.provider import build_gpt_model, forward_logits, te_available
 
     if not te_available():
-        pytest.skip("transformer_engine does not import on this machine (not on the device image; see bench/GPU.md)")
+        pytest.skip("transformer_engine does not import here (pip install -e '.[gpu]'; see bench/GPU.md)")
     te_chunks, te_info = build_gpt_model(TINY, params_dtype=torch.float32, use_te=True)
     loc_chunks, _ = build_gpt_model(TINY, params_dtype=torch.float32, use_te=False, use_cpu_initialization=False)
     assert te_info.use_te and "transformer_engine" in type(te_chunks[0].decoder.layers[0].self_attention.linear_qkv).__module__
@@ -336,14 +336,15 @@ def test_gpu_bf16_eopd_loss_matches_fp64_reference(mp1, mode):
 def test_gpu_dynamic_rollout_logprobs_match_full_forward(mp1):
     """The dynamic engine samples; its raw log-probs equal a full forward's log-softmax; it frees its
     KV cache on release and resumes for the next call with the same samples for the same seed."""
-    from megatron_eaopd.models.backend import flash_attn_available
     from megatron_eaopd.models.provider import build_gpt_model, forward_logits
     from megatron_eaopd.rollout import RolloutParams
     from megatron_eaopd.rollout.factory import make_engine
 
-    ok, why = flash_attn_available()
-    if not ok:
-        pytest.skip(why)
+    from megatron_eaopd.models.backend import flash_attn_unavailable_reason
+
+    reason = flash_attn_unavailable_reason()
+    if reason:
+        pytest.skip(f"megatron-core's dynamic inference engine cannot run: {reason}")
     chunks, _ = build_gpt_model(TINY, params_dtype=torch.bfloat16, use_cpu_initialization=False)
     ro = make_engine(chunks, bgt.SyntheticTokenizer(512, 511), stop_ids=(511,), kind="dynamic", kv_buffer_gb=1.0)
     prompts = [[5, 17, 42, 99, 3, 8], [7, 1], [11, 12, 13, 14, 15]]

@@ -1,11 +1,13 @@
 """Unit tests for models/: HF config -> TransformerConfig table, RoPE parsing, vocab padding,
-qkv / fc1 fusing and TP sharding, name canonicalisation. Single process, no distributed init."""
+qkv / fc1 fusing and TP sharding, name canonicalisation, backend detection (TE, FlashAttention).
+Single process, no distributed init."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from megatron_eaopd.models import backend
 from megatron_eaopd.models.hf import hf_to_gpt_args, hf_to_transformer_config, load_hf_config, rope_spec
 from megatron_eaopd.models.mapping import (
     MappingSpec,
@@ -147,3 +149,48 @@ def test_tp_shard_infers_untagged_split():
     p = torch.nn.Parameter(torch.empty(3, 4))  # no tensor_model_parallel attribute
     w = torch.randn(6, 4)
     assert torch.equal(tp_shard("decoder.layers.0.self_attention.linear_qkv.weight", w, p, 1, 2), w[3:])
+
+
+@pytest.mark.parametrize("cuda, fa4, fa3, fa2, ok, needle", [
+    (False, True, True, "2.8.3", False, "no CUDA device"),
+    (True, False, False, None, False, "flash-attn is not installed"),
+    (True, False, False, "2.7.2", False, "flash-attn 2.7.2 is too old"),
+    (True, False, False, "2.7.3", True, None),               # megatron-core's floor, inclusive
+    (True, False, False, "2.8.0.post2", True, None),
+    (True, False, True, None, True, None),                   # FlashAttention-3 alone is enough
+    (True, True, False, "2.6.0", True, None),                # so is FlashAttention-4, whatever FA2 says
+])
+def test_flash_attn_decision_mirrors_megatron(cuda, fa4, fa3, fa2, ok, needle):
+    """megatron-core 0.19.2 Attention.forward asserts HAVE_FA4 or HAVE_FA3 or is_fa_min_version("2.7.3")
+    before dynamic batching; the decision says the same and gives a one-line reason otherwise."""
+    reason = backend.flash_attn_decision(cuda, fa4, fa3, fa2)
+    assert (reason is None) == ok
+    if needle:
+        assert needle in reason and "\n" not in reason
+
+
+def test_backend_on_this_machine():
+    """No CUDA here: neither TE nor FlashAttention; the old import path of te_available still works."""
+    from megatron_eaopd.models.provider import te_available as old_home
+
+    assert old_home is backend.te_available
+    assert backend.te_available() is False and backend.flash_attn_available() is False
+    assert backend.flash_attn_unavailable_reason().startswith("no CUDA device")
+    with pytest.raises(ValueError, match="unparseable version"):
+        backend.flash_attn_decision(True, False, False, "not-a-version")
+
+
+def test_flash_attn_reads_megatron_flags(monkeypatch):
+    """With CUDA (faked), the answer comes from megatron-core's own import-time flags: none of FA2/3/4 here."""
+    from megatron.core.transformer import attention as mattn
+
+    assert not (mattn.HAVE_FA3 or mattn.HAVE_FA4) and mattn.flash_attn_with_kvcache is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend.flash_attn_unavailable_reason.cache_clear()
+    try:
+        assert backend.flash_attn_unavailable_reason().startswith("flash-attn is not installed")
+        monkeypatch.setattr(mattn, "HAVE_FA3", True)
+        backend.flash_attn_unavailable_reason.cache_clear()
+        assert backend.flash_attn_available() is True
+    finally:
+        backend.flash_attn_unavailable_reason.cache_clear()

@@ -105,9 +105,9 @@ def resolve_layout(cfg: "Config", world_size: int, cuda: bool, te: bool | None =
         :class:`RuntimeLayout`.
     Raises:
         ConfigError: TP x PP (or the teacher's) does not divide the world; the mini-batch or the
-            prompts of an iteration do not split over DP; sequence parallelism or the distributed
-            optimizer forced on where they cannot run; a teacher layout different from the
-            student's; ``loss.mode: full`` at PP > 1 or with ``teacher.offload``.
+            prompts of an iteration do not split over DP; sequence parallelism forced on where it cannot
+            run; a teacher layout different from the student's; ``loss.mode: full`` at PP > 1 or with
+            ``teacher.offload``.
     """
     p, t = cfg.parallel, cfg.train
     te = cuda if te is None else te
@@ -135,11 +135,6 @@ def resolve_layout(cfg: "Config", world_size: int, cuda: bool, te: bool | None =
     if p.sequence_parallel is True and not te:
         raise ConfigError("config error at parallel.sequence_parallel: true needs Transformer Engine "
                           "(pip install -e '.[gpu]'); use auto or false")
-    if p.use_distributed_optimizer is True and not cuda:
-        raise ConfigError(
-            "config error at parallel.use_distributed_optimizer: true is GPU-only here (its checkpoint resume "
-            "fails on CPU); use auto or false"
-        )
     if (ttp, tpp) != (p.tp, p.pp):
         raise ConfigError(
             f"config error at parallel.teacher_tp/teacher_pp: a teacher layout ({ttp}x{tpp}) different from the "

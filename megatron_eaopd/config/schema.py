@@ -94,7 +94,7 @@ class ParallelConfig(_Section):
 
     ``teacher_tp`` / ``teacher_pp`` default to the student's. ``sequence_parallel`` and
     ``use_distributed_optimizer`` accept ``auto``: SP on when CUDA and ``tp > 1``; the distributed
-    optimizer on with CUDA (its checkpoint resume is GPU-only, see docs/cpu.md).
+    optimizer on with CUDA (``true`` also runs on CPU).
     """
 
     tp: int = Field(1, ge=1)

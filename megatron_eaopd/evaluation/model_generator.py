@@ -20,7 +20,6 @@ reseeds its sampler with ``rollout.sampling_seed(seed, batch index, dp_rank)``.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.distributed import init_world
 from megatron_eaopd.evaluation.runner import Generator, Sample
 from megatron_eaopd.rollout import RolloutParams, stop_token_ids
 from megatron_eaopd.rollout.engine import RolloutEngine
@@ -343,26 +343,11 @@ class DistributedGenerator:
 
 
 def setup_eval_parallel(tp: int = 1, pp: int = 1, seed: int = 0) -> int:
-    """Initialise torch.distributed (a world of one without a launcher) and Megatron TP/PP.
+    """Initialise torch.distributed (a world of one on a free port without a launcher) and Megatron TP/PP.
 
     Args: tp, pp: model-parallel sizes (DP = world / (tp*pp)); seed: model RNG seed.
     Returns: the world size.
     Raises: ValueError when tp or pp < 1 or tp*pp does not divide the world (names the torchrun fix).
+    Source: :func:`megatron_eaopd.distributed.init_world`.
     """
-    from megatron_eaopd.distributed import dist_env, init_distributed, init_model_parallel, seed_everything
-
-    if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be >= 1, got tp={tp}, pp={pp}")
-    world = dist.get_world_size() if dist.is_initialized() else dist_env().world_size
-    if world % (tp * pp):
-        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the world size {world}; launch with "
-                         f"torchrun --nproc-per-node {tp * pp} (or a multiple of it: the rest is data parallel)")
-    if not dist.is_initialized() and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ \
-            and "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:  # a world of one: any free port
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    init_distributed()
-    init_model_parallel(tp, pp)
-    seed_everything(seed)
-    return dist.get_world_size()
+    return init_world(tp, pp, seed)

@@ -1,11 +1,12 @@
-"""HF folder <-> Megatron torch_dist checkpoint, and logit verification.
+"""HF folder <-> Megatron torch_dist checkpoint.
 
 * :func:`import_hf` — HF folder (safetensors or .bin, single or sharded with an index) -> checkpoint
   written by :func:`megatron_eaopd.checkpoint.save_checkpoint` (loads at any TP/PP).
 * :func:`export_hf` — checkpoint (from import or training, any TP/PP) -> HF folder (sharded
   safetensors + index, config, tokenizer, generation config) for ``AutoModelForCausalLM``.
 * :func:`load_hf_weights` — fill built model chunks straight from an HF folder at any TP/PP.
-* :func:`verify_logits` — compare a Megatron model's logits with an HF folder's on a fixed prompt.
+* :func:`verify_logits` (from :mod:`.verify`) checks a conversion; :class:`HFTensorReader` (from
+  :mod:`.hf_reader`) reads the HF tensors. Both stay importable from here.
 
 Memory: weights are read tensor by tensor (safetensors by plain reads, ``.bin`` mmapped), so
 a conversion holds about one copy of the weights (the model) plus one output shard.
@@ -21,17 +22,32 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
-from megatron_eaopd.models.hf import HFWeightFiles, dtype_name, inspect_hf_dir, parse_dtype
+from megatron_eaopd.checkpoint import (
+    ASSETS_DIR,
+    LATEST,
+    META_FILE,
+    copy_hf_assets,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
+from megatron_eaopd.distributed import collective_device, init_world, is_rank0, unwrap
+from megatron_eaopd.dtypes import dtype_name, parse_dtype
+from megatron_eaopd.models.hf import hf_to_gpt_args, inspect_hf_dir
+from megatron_eaopd.models.hf_reader import HFTensorReader
 from megatron_eaopd.models.mapping import canonical_name, megatron_names, to_hf, to_megatron, tp_shard
+from megatron_eaopd.models.provider import build_gpt_model
+from megatron_eaopd.models.verify import DEFAULT_PROMPT, require_passed, verify_logits
 
 __all__ = ["HFTensorReader", "load_hf_weights", "import_hf", "export_hf", "verify_logits", "parse_size", "DEFAULT_PROMPT"]
 
-DEFAULT_PROMPT = "The capital of France is Paris. Two plus three equals"
-_IGNORED_HF = ("rotary_emb.inv_freq",)
+#: seed of the model RNG for conversions (no weight is random: every parameter is loaded)
+_SEED = 1234
 
 
 def parse_size(s: str | int) -> int:
@@ -55,102 +71,11 @@ def parse_size(s: str | int) -> int:
         raise ValueError(f"cannot parse size {s!r}; use e.g. 2GB, 500MB or a byte count") from None
 
 
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-class _SafetensorsFile:
-    """Reads single tensors from a ``.safetensors`` file with plain ``readinto`` (no mmap), so
-    reading a tensor costs exactly its own size in memory (the format: 8-byte little-endian header
-    length, JSON header of ``{name: {dtype, shape, data_offsets}}``, then the data)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            self.header = json.loads(fh.read(n))
-        self.base = 8 + n
-        self.header.pop("__metadata__", None)
-
-    def keys(self):
-        return list(self.header)
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        h = self.header[name]
-        if h["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {h['dtype']}")
-        start, end = h["data_offsets"]
-        buf = bytearray(end - start)
-        with open(self.path, "rb") as fh:
-            fh.seek(self.base + start)
-            if fh.readinto(buf) != len(buf):
-                raise ValueError(f"{self.path} is truncated (tensor {name}); re-download the file")
-        if not buf:
-            return torch.empty(h["shape"], dtype=_ST_DTYPES[h["dtype"]])
-        return torch.frombuffer(buf, dtype=_ST_DTYPES[h["dtype"]]).reshape(h["shape"])
-
-
-class HFTensorReader:
-    """Lazy reader over an HF folder's weight files: tensors are read one at a time (safetensors
-    without mmap; ``.bin`` mmapped, one file open at a time), so memory holds one tensor at a time.
-
-    Args:
-        files: from :func:`megatron_eaopd.models.hf.inspect_hf_dir` (or a folder path).
-    Raises:
-        FileNotFoundError: see ``inspect_hf_dir``.
-    """
-
-    def __init__(self, files: HFWeightFiles | str | os.PathLike):
-        self.files = files if isinstance(files, HFWeightFiles) else inspect_hf_dir(files)
-        self._open: dict[Path, Any] = {}
-        self.where: dict[str, Path] = {k: self.files.root / v for k, v in self.files.weight_map.items()}
-        if not self.where:
-            for f in self.files.files:
-                for k in self._handle(f).keys():
-                    self.where[k] = f
-
-    def _handle(self, f: Path):
-        if f not in self._open:
-            # keep one file open: mmapped pages count as resident memory until the file is closed
-            self._open.clear()
-            if self.files.fmt == "safetensors":
-                self._open[f] = _SafetensorsFile(f)
-            else:
-                self._open[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
-        return self._open[f]
-
-    def keys(self) -> list[str]:
-        """All tensor names."""
-        return list(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor.
-
-        Raises:
-            KeyError: the tensor is absent (a partial / truncated checkpoint) — names the folder.
-        """
-        if name not in self.where:
-            raise KeyError(f"tensor {name!r} is missing from {self.files.root} (partial or incompatible checkpoint)")
-        h = self._handle(self.where[name])
-        return h.get_tensor(name) if self.files.fmt == "safetensors" else h[name]
-
-    def close(self) -> None:
-        """Drop open file handles / mmaps."""
-        self._open.clear()
-
-
 def _layer_offset(model) -> int:
     layers = getattr(getattr(model, "decoder", None), "layers", None)
     if layers is None or len(layers) == 0:
         return 0
     return int(layers[0].layer_number) - 1
-
-
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 @torch.no_grad()
@@ -168,10 +93,7 @@ def load_hf_weights(model_chunks: list, hf_dir: str | os.PathLike, *, progress: 
         KeyError: an HF tensor is missing (partial checkpoint; B23: an untied model without ``lm_head``).
         ValueError: shape mismatch between the folder and its config (names the tensor).
     """
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
-
-    from megatron_eaopd.models.provider import unwrap
+    from megatron.core import parallel_state as ps  # deferred: megatron-core is heavy (see _allreduce_sum)
 
     reader = HFTensorReader(hf_dir)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
@@ -182,7 +104,7 @@ def load_hf_weights(model_chunks: list, hf_dir: str | os.PathLike, *, progress: 
             spec = m.model_info.mapping_spec
             off = _layer_offset(m)
             params = list(m.named_parameters())
-            for name, p in tqdm(params, desc="loading HF weights", disable=not (progress and _rank0()), leave=False):
+            for name, p in tqdm(params, desc="loading HF weights", disable=not (progress and is_rank0()), leave=False):
                 cn = canonical_name(name, off)
                 full = to_megatron(cn, reader.get, spec)
                 p.data.copy_(tp_shard(cn, full, p, tp_rank, tp_size))
@@ -195,93 +117,6 @@ def load_hf_weights(model_chunks: list, hf_dir: str | os.PathLike, *, progress: 
 
 def _model_bytes(model_chunks) -> int:
     return sum(p.numel() * p.element_size() for c in model_chunks for p in c.parameters())
-
-
-def _hf_reference(hf_dir, weight_dtype: torch.dtype | None):
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    hf.eval()
-    if weight_dtype is not None and weight_dtype != torch.float32:
-        for p in hf.parameters():
-            p.data = p.data.to(weight_dtype).float()
-    return hf
-
-
-def _prompt_ids(assets_dir, vocab: int, prompt: str | None) -> torch.Tensor:
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(assets_dir))
-        ids = tok(prompt or DEFAULT_PROMPT, return_tensors="pt").input_ids
-        if ids.numel() >= 2 and int(ids.max()) < vocab:
-            return ids
-    except Exception:
-        pass
-    return (torch.arange(16, dtype=torch.long) * 7919 % vocab).unsqueeze(0)
-
-
-@torch.no_grad()
-def verify_logits(model_chunks: list, hf_dir: str | os.PathLike, *, weight_dtype: torch.dtype | None = None,
-                  atol: float = 1e-3, prompt: str | None = None, hf_model=None) -> dict:
-    """Compare Megatron logits with transformers' on a fixed prompt (collective over the world).
-
-    The HF model runs in fp32; with ``weight_dtype`` (e.g. bf16) its weights are first rounded to that
-    dtype, so both sides hold identical values and the check measures the conversion only. The
-    Megatron chunks should hold fp32 (or upcast) weights.
-
-    Args:
-        model_chunks: built and loaded model chunks (any TP/PP).
-        hf_dir: HF folder (weights + tokenizer; no tokenizer -> fixed ids).
-        atol: pass threshold on max |logit diff|.
-        hf_model: an already-loaded HF model to use instead of loading ``hf_dir``.
-    Returns:
-        ``{"max_abs_diff": float, "top1_agreement": float in [0,1], "tokens": int, "passed": bool}``
-        (identical on every rank).
-    """
-    import torch.distributed as dist
-
-    from megatron_eaopd.models.provider import forward_logits, unwrap
-
-    info = unwrap(model_chunks[0]).model_info
-    ids = _prompt_ids(hf_dir, info.true_vocab_size, prompt)
-    out = forward_logits(model_chunks, ids)
-    stats = torch.zeros(3, dtype=torch.float64)
-    if out is not None:
-        hf = hf_model if hf_model is not None else _hf_reference(hf_dir, weight_dtype)
-        ref = hf(ids).logits.float()
-        del hf
-        stats[0] = (out - ref).abs().max().item()
-        stats[1] = 1.0 - (out.argmax(-1) == ref.argmax(-1)).double().mean().item()
-        stats[2] = 1.0
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    diff, disagree = float(stats[0]), float(stats[1])
-    return {"max_abs_diff": diff, "top1_agreement": 1.0 - disagree, "tokens": int(ids.numel()),
-            "passed": bool(diff <= atol)}
-
-
-def _setup(tp: int, pp: int):
-    from megatron_eaopd.distributed import init_distributed, init_model_parallel
-    from megatron_eaopd.models.provider import seed_model_rng
-
-    if "RANK" not in os.environ and "SLURM_PROCID" not in os.environ and "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:  # a world of one: any free port (never collide with a concurrent run)
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    init_distributed()
-    init_model_parallel(tp, pp)
-    seed_model_rng(1234)
-
-
-def _checked(res: dict, atol: float) -> dict:
-    """Return a :func:`verify_logits` result, or raise RuntimeError when it failed the tolerance."""
-    if not res["passed"]:
-        raise RuntimeError(f"verification failed: max |logit diff| {res['max_abs_diff']:.3g} > atol {atol} "
-                           f"(top-1 agreement {res['top1_agreement']:.3f})")
-    return res
 
 
 def _check_export_target(ckpt: Path, out: Path) -> None:
@@ -303,8 +138,6 @@ def _check_export_target(ckpt: Path, out: Path) -> None:
 
 def _check_import_target(out: Path) -> None:
     """Refuse to write a converted model (iteration 0) into a training run's checkpoint folder."""
-    from megatron_eaopd.checkpoint import LATEST, META_FILE
-
     o = Path(out)
     if not (o / LATEST).is_file():
         if o.is_dir() and any(p.name.startswith("iter_") for p in o.iterdir()):
@@ -336,10 +169,6 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         FileNotFoundError / NotImplementedError / ValueError / KeyError: bad folder, architecture,
         shapes or missing tensors (each names the problem); RuntimeError: verification failed.
     """
-    from megatron_eaopd.checkpoint import load_checkpoint, save_checkpoint
-    from megatron_eaopd.models.hf import hf_to_gpt_args
-    from megatron_eaopd.models.provider import build_gpt_model
-
     t0 = time.perf_counter()
     files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
     _check_import_target(Path(out))
@@ -351,7 +180,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
             f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes but this run has {world}; launch with "
             f"torchrun --nproc-per-node {tp * pp}, or convert at tp=pp=1 (the checkpoint reshards to any TP/PP on load)"
         )
-    _setup(tp, pp)
+    init_world(tp, pp, _SEED)
     chunks, info = build_gpt_model(hf_dir, params_dtype=dt, perform_initialization=False)
     n = load_hf_weights(chunks, files, progress=progress)
     nbytes = _model_bytes(chunks)
@@ -365,27 +194,26 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         load_checkpoint(path, vchunks)
         for c in vchunks:
             c.float()
-        summary["verify"] = _checked(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
+        summary["verify"] = require_passed(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
     return summary
 
 
 def _allreduce_sum(x: int) -> int:
-    import torch.distributed as dist
-
+    """Sum a per-rank count over the model-parallel (TP x PP) group, so each shard counts once
+    (collective on every rank; the tensor lives on :func:`~megatron_eaopd.distributed.collective_device`)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return int(x)
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # deferred: importing megatron-core costs seconds
 
-    t = torch.tensor([x], dtype=torch.float64)
-    # count each model-parallel shard once: sum over the TP x PP group of data-parallel rank 0
-    dist.all_reduce(t, group=ps.get_model_parallel_group())
+    group = ps.get_model_parallel_group()
+    t = torch.tensor([x], dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(t, group=group)
     return int(t.item())
 
 
 def _write_shards(tensors_iter, out: Path, max_shard: int, dtype: torch.dtype, progress: bool) -> tuple[int, int]:
     """Stream ``(name, tensor)`` into safetensors shards; returns (params, bytes)."""
     from safetensors.torch import save_file
-    from tqdm import tqdm
 
     shard: dict[str, torch.Tensor] = {}
     size = 0
@@ -443,9 +271,6 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         FileNotFoundError: not a checkpoint (an HF folder names the ``import`` command);
         RuntimeError: verification failed.
     """
-    from megatron_eaopd.checkpoint import ASSETS_DIR, load_checkpoint, read_checkpoint_metadata
-    from megatron_eaopd.models.provider import build_gpt_model, unwrap
-
     t0 = time.perf_counter()
     meta = read_checkpoint_metadata(ckpt, iteration)
     src = Path(meta["path"])
@@ -455,7 +280,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     _check_export_target(Path(ckpt), Path(out))
     stored = parse_dtype(meta.get("dtype"), torch.bfloat16)
     out_dtype = parse_dtype(dtype, stored)
-    _setup(1, 1)
+    init_world(1, 1, _SEED)
     chunks, info = build_gpt_model(assets, params_dtype=stored, perform_initialization=False)
     load_checkpoint(src, chunks)
     m = unwrap(chunks[0])
@@ -474,8 +299,6 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
             yield from to_hf(name, params[name].detach(), spec)
 
     n, nbytes = _write_shards(gen(), tmp, parse_size(max_shard_size), out_dtype, progress)
-    from megatron_eaopd.checkpoint import copy_hf_assets
-
     copy_hf_assets(assets, tmp)
     cfg = json.loads((tmp / "config.json").read_text())
     if out_dtype != parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype"), None):
@@ -491,5 +314,5 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         for c in chunks:  # same values as the written (possibly lower-precision) tensors, computed in fp32
             for p in c.parameters():
                 p.data = p.data.to(out_dtype).float()
-        summary["verify"] = _checked(verify_logits(chunks, out, weight_dtype=out_dtype, atol=atol), atol)
+        summary["verify"] = require_passed(verify_logits(chunks, out, weight_dtype=out_dtype, atol=atol), atol)
     return summary

@@ -23,6 +23,9 @@ from typing import Any
 
 import torch
 
+from megatron_eaopd.dtypes import DTYPES, dtype_name, parse_dtype  # noqa: F401  (re-exported)
+from megatron_eaopd.models.backend import te_available
+
 __all__ = [
     "Family",
     "FAMILIES",
@@ -38,31 +41,8 @@ __all__ = [
     "looks_like_megatron_checkpoint",
     "DTYPES",
     "parse_dtype",
+    "dtype_name",
 ]
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(d: str | torch.dtype | None, default: torch.dtype | None = None) -> torch.dtype | None:
-    """Parse ``"bf16"|"fp16"|"fp32"`` (or the long torch names, or a ``torch.dtype``).
-
-    Raises:
-        ValueError: unknown name (the message lists the accepted ones).
-    """
-    if d is None:
-        return default
-    if isinstance(d, torch.dtype):
-        return d
-    key = str(d).replace("torch.", "").lower()
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {d!r}; use one of bf16, fp16, fp32")
-    return DTYPES[key]
-
-
-def dtype_name(d: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling HF configs use)."""
-    return str(d).replace("torch.", "")
 
 
 @dataclass(frozen=True)
@@ -341,8 +321,6 @@ def hf_to_transformer_config(
         attention_softmax_in_fp32=True,
     )
     if use_te is None:
-        from megatron_eaopd.models.provider import te_available
-
         use_te = bool(on_gpu) and te_available()
     if on_gpu and use_te:
         kw.update(sequence_parallel=tp > 1, use_cpu_initialization=False)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from megatron_eaopd.distributed import seed_everything, unwrap
+from megatron_eaopd.models.backend import te_available
 from megatron_eaopd.models.hf import GPTArgs, hf_to_transformer_config, load_hf_config
 from megatron_eaopd.models.mapping import MappingSpec
 
@@ -76,17 +78,6 @@ def pad_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int
         raise ValueError(f"pad_vocab_size needs positive sizes, got V={vocab_size}, tp={tp}, divisible_by={divisible_by}")
     m = divisible_by * tp
     return int(math.ceil(vocab_size / m) * m)
-
-
-def te_available() -> bool:
-    """True when CUDA is present and ``transformer_engine`` imports (TE spec usable)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def _eos_ids(hf_cfg, assets: Path | None) -> tuple:
@@ -223,13 +214,6 @@ def build_gpt_model(
     return [model], info
 
 
-def unwrap(model):
-    """Strip DDP / Float16Module wrappers (``.module`` chains) and return the ``GPTModel``."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @torch.no_grad()
 def forward_logits(model_chunks: list, input_ids: torch.Tensor, *, gather: bool = True, trim_vocab: bool = True):
     """Forward-only pass through any TP/PP layout; full-vocabulary logits on the last stage.
@@ -287,15 +271,5 @@ def forward_logits(model_chunks: list, input_ids: torch.Tensor, *, gather: bool 
 
 def seed_model_rng(seed: int = 1234) -> None:
     """Seed torch and Megatron's model-parallel RNG tracker (needed before any forward: attention
-    forks the tracker for dropout). Wraps :func:`megatron_eaopd.distributed.seed_everything`.
-
-    Works around a recursion in the CPU layer (``torch.cuda.manual_seed_all`` -> ``torch.manual_seed``
-    -> ``torch.cuda.manual_seed_all``) by breaking the cycle when it occurs; no-op difference on GPU.
-    """
-    from megatron_eaopd.distributed import seed_everything
-
-    try:
-        seed_everything(seed)
-    except RecursionError:
-        torch.cuda.manual_seed_all = lambda *a, **k: None
-        seed_everything(seed)
+    forks the tracker for dropout). Same as :func:`megatron_eaopd.distributed.seed_everything`."""
+    seed_everything(seed)

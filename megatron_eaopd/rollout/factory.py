@@ -9,7 +9,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_eaopd.distributed import print_rank0
 from megatron_eaopd.settings import ConfigError
-from megatron_eaopd.models.backend import flash_attn_available
+from megatron_eaopd.models.backend import flash_attn_unavailable_reason
 from megatron_eaopd.rollout.dynamic import DynamicEngine
 from megatron_eaopd.rollout.engine import RolloutEngine
 from megatron_eaopd.rollout.params import EngineKind
@@ -38,14 +38,14 @@ def select_engine_kind(requested: EngineKind, pipeline_parallel: int, cuda: bool
             return "recompute", ""
         if not cuda:
             return "static", ""
-        ok, why = flash_attn_available()
-        return ("dynamic", "") if ok else ("static", f"dynamic inference engine unavailable ({why}); using the static engine")
+        why = flash_attn_unavailable_reason()
+        return ("static", f"dynamic inference engine unavailable ({why}); using the static engine") if why else ("dynamic", "")
     if requested == "dynamic":
         if not cuda:
             raise ConfigError("config error at rollout.engine: 'dynamic' needs CUDA (flash-attn); use 'static' or "
                               "'auto' on CPU")
-        ok, why = flash_attn_available()
-        if not ok:
+        why = flash_attn_unavailable_reason()
+        if why:
             raise ConfigError(f"config error at rollout.engine: 'dynamic' cannot run here: {why}; use 'auto' or 'static'")
     return requested, ""
 

@@ -1,6 +1,7 @@
 """2 ranks: load the TP1 checkpoints at TP2 and at PP2 (resharding, vocab padding 384 -> 512), compare
 logits with HF; tied PP2: last-stage output weight == embedding; direct HF load at TP2/PP2; save a
-TP2 checkpoint for the export test. Args: WORKDIR KIND..."""
+TP2 checkpoint for the export test; the converter's collectives (verify_logits' max-reduce, the
+parameter count's sum) over the process group. Args: WORKDIR KIND..."""
 
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def main():
 
     from megatron_eaopd.checkpoint import load_checkpoint, save_checkpoint
     from megatron_eaopd.distributed import init_distributed, init_model_parallel
-    from megatron_eaopd.models.convert import load_hf_weights
+    from megatron_eaopd.models.convert import _allreduce_sum, load_hf_weights, verify_logits
     from megatron_eaopd.models.provider import build_gpt_model, forward_logits, seed_model_rng
 
     init_distributed()
@@ -44,6 +45,13 @@ def main():
                     w = m.output_layer.weight if m.output_layer.weight is not None else m.shared_embedding_or_output_weight()
                     rec["tied_out_vs_emb"] = (w[: emb.shape[0]] - emb).abs().max().item()
                     rec["tied_pad_rows_zero"] = bool((w[emb.shape[0]:] == 0).all())
+                if source == "hf" and kind == kinds[0]:
+                    # verify_logits: only the last stage holds logits at PP2; the max-reduce gives every rank its result
+                    rec["verify"] = verify_logits(chunks, work / "hf" / kind, atol=1e-4)
+                    local = sum(p.numel() for p in m.parameters())
+                    counts = [None] * dist.get_world_size()
+                    dist.all_gather_object(counts, local)
+                    rec["count_local"], rec["count_all"], rec["count_sum"] = local, counts, _allreduce_sum(local)
                 report(**rec)
                 if tp == 2 and source == "ckpt" and kind == kinds[0]:
                     save_checkpoint(work / "ckpt_tp2" / kind, 5, chunks, extra_common={"note": "tp2"})
