@@ -10,8 +10,11 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
+# 1 = `make test` first installs the system packages the tests need (tests/system_deps.sh: slurm-wlm,
+# munge, shellcheck, gcc, libslurm-dev; apt, root or sudo) and stops if it cannot. 0 = skip knowingly.
+SYSTEM_DEPS ?= 1
 
-.PHONY: setup demo test test-gpu bench clean
+.PHONY: setup system-deps demo test test-gpu bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it). Install python3.12 or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
@@ -25,13 +28,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
+system-deps:
+	bash tests/system_deps.sh
+
 demo: setup
 	$(PY) -m megatron_eaopd.demo $(DEMO_ARGS)
 
-test: setup
+test: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-gpu: setup
+test-gpu: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench: setup
