@@ -7,7 +7,7 @@ counted, never truncated. ``PromptLoader`` yields global batches of prompts over
 deterministic per-epoch shuffle and a resumable position ``(epoch, index)`` (``state_dict`` /
 ``load_state_dict``), so a resumed run continues with exactly the same prompts.
 
-Sources: method.md ("Training setup": MATH train, 128 prompts per iteration, max prompt 1024 tokens;
+Sources: docs/method.md ("Training setup (paper)": MATH train, 128 prompts per iteration, max prompt 1024 tokens;
 "Evaluation": the prompt suffix); the paper's teacher is used with thinking mode off.
 """
 
@@ -39,7 +39,7 @@ __all__ = [
     "PromptLoader",
 ]
 
-#: The paper's instruction appended to every problem (method.md, "Evaluation"; exact string).
+#: The paper's instruction appended to every problem (docs/method.md, "Evaluation protocol"; exact string).
 PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 #: Separator between problem and suffix (choice: verl's math preprocessing joins with one space).
 PROMPT_SEPARATOR = " "
@@ -265,7 +265,7 @@ def build_prompt(problem: str, tokenizer: Any = None, chat_template: bool = Fals
         off, as for the paper's Qwen3 teacher; templates that ignore ``enable_thinking`` are fine);
         suffix (str | None): the paper's instruction (None/"" = none); separator (str).
     Returns: str. Raises: ValueError when chat_template is requested without a tokenizer that has one.
-    Source: method.md "Evaluation" (suffix).
+    Source: docs/method.md, "Evaluation protocol" (suffix).
     """
     text = problem.strip()
     if suffix:
@@ -286,7 +286,7 @@ class PromptDataset:
         tokenizer: HF tokenizer (``encode``); None = no tokenisation (``input_ids`` left empty,
             no length filter), e.g. for the evaluator where the generator tokenises.
         max_prompt_tokens (int | None): prompts with more tokens are skipped and counted
-            (method.md: 1024 in the paper's training setup).
+            (docs/method.md: 1024 in the paper's training setup).
         chat_template, suffix, separator: see ``build_prompt``.
     Attributes: records (kept, in source order), num_skipped (int), skipped_ids (list[str]).
     Raises: DataError when records is empty or every prompt is too long.
@@ -334,7 +334,7 @@ class PromptLoader:
     epoch is dropped (choice), so every batch has exactly ``global_batch_size`` prompts.
     Iterating stops after ``num_epochs`` epochs (None = forever).
 
-    Args: dataset (PromptDataset); global_batch_size (int): prompts per batch (method.md: 128);
+    Args: dataset (PromptDataset); global_batch_size (int): prompts per batch (docs/method.md: 128);
         seed (int); num_epochs (int | None); shuffle (bool).
     Raises: DataError if the dataset has fewer prompts than one batch; ValueError on bad arguments.
     """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a model (or replayed outputs) on math benchmarks: Avg@n / Pass@k with math-verify.
 
-Defaults are the paper's protocol (method.md "Evaluation"): n=8 samples, temperature 1.0, top-p 0.8,
+Defaults are the paper's protocol (docs/method.md, "Evaluation protocol"): n=8 samples, temperature 1.0, top-p 0.8,
 8192 new tokens, the six benchmarks MATH500 AMC23 Minerva OlympiadBench AIME24 AIME25.
 
 Examples::

@@ -1,6 +1,6 @@
 """Answer grading with math-verify, in worker processes with a hard per-item timeout.
 
-Protocol (method.md, "Evaluation"): the model is asked to "put your final answer within \\boxed{}";
+Protocol (docs/method.md, "Evaluation protocol"): the model is asked to "put your final answer within \\boxed{}";
 the answer is the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) of the output, and it is
 checked against the gold answer with math-verify: ``verify(parse(gold), parse(answer))``.
 
@@ -46,7 +46,7 @@ def last_boxed(text: str | None) -> str | None:
     Args: text: model output (str) or None.
     Returns: the content (str, stripped; may be empty for ``\\boxed{}``), or None when there is no
         box or the last box is unterminated (the output was cut off inside it).
-    Source: the answer-extraction convention of the paper's prompt (method.md, "Evaluation").
+    Source: the answer-extraction convention of the paper's prompt (docs/method.md, "Evaluation protocol").
     """
     if not text:
         return None

@@ -1,6 +1,6 @@
 """The benchmark pipeline: prompts -> n samples per problem -> math-verify grading -> metrics/tables.
 
-Protocol (method.md "Evaluation", paper defaults): six benchmarks (MATH500, AMC23, Minerva,
+Protocol (docs/method.md, "Evaluation protocol"; paper defaults): six benchmarks (MATH500, AMC23, Minerva,
 OlympiadBench, AIME24, AIME25), n = 8 samples per problem at temperature 1.0, top-p 0.8, at most 8192
 new tokens, prompt = problem + "Please reason step by step, and put your final answer within
 \\boxed{}.", checker math-verify; Avg@8, Pass@8, and their unweighted mean over benchmarks.
@@ -50,7 +50,7 @@ __all__ = [
     "format_table",
 ]
 
-#: Standard benchmark name -> file name in ``--data-dir`` (the files of /work/shared/data).
+#: Standard benchmark name -> file name in ``--data-dir`` (the six benchmark files).
 STANDARD_BENCHMARKS: dict[str, str] = {
     "MATH500": "math500.jsonl",
     "AMC23": "amc23.jsonl",
@@ -159,7 +159,7 @@ class ReplayGenerator(ScriptedGenerator):
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (defaults: the paper's, method.md "Evaluation").
+    """Evaluation settings (defaults: the paper's, docs/method.md "Evaluation protocol").
 
     n (int): samples per problem (8); ks (list[int]): pass@k values (default [n]); temperature (1.0),
     top_p (0.8), max_new_tokens (8192): recorded for the generator/summary; seed (int): base seed
@@ -228,7 +228,7 @@ def resolve_benchmarks(names: Sequence[str], data_dir: str | Path | None) -> lis
 
 
 def load_benchmark(path: str | Path, fields: FieldMap | None = None, limit: int | None = None) -> list[PromptRecord]:
-    """Load one benchmark file (schema of /work/shared/data: ``id``, ``problem``, ``answer``).
+    """Load one benchmark file (JSONL/Parquet rows with ``id``, ``problem``, ``answer`` by default).
 
     When the file has no ``id`` field the 0-based row index is used. Raises FileNotFoundError,
     DataError naming the file and line of a missing field, DataError for an empty file.

@@ -18,7 +18,7 @@ Grading runs in a forkserver ``GradingPool`` on rank 0: the launching script mus
 point with ``if __name__ == "__main__":`` (``python -m megatron_eaopd.train`` does), otherwise every
 grading worker re-runs the script and each sample times out (reported in ``val/grading_timeouts``).
 
-Source: method.md "Evaluation" (Avg@n, unbiased pass@k, unweighted mean over benchmarks).
+Source: docs/method.md, "Evaluation protocol" (Avg@n, unbiased pass@k, unweighted mean over benchmarks).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
         ValueError: no ``eval.files``, or some k > n. FileNotFoundError: a missing file.
         RuntimeError: on the other ranks, when evaluation failed on rank 0 (names the error there;
             rank 0 re-raises the original exception).
-    Source: method.md "Evaluation"; same pipeline as ``tools/evaluate.py``.
+    Source: docs/method.md, "Evaluation protocol"; same pipeline as ``tools/evaluate.py``.
     """
     from megatron_eaopd.evaluation.model_generator import DistributedGenerator, local_generator
     from megatron_eaopd.evaluation.runner import EvalConfig, resolve_benchmarks, run_evaluation
