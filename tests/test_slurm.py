@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -178,6 +179,82 @@ def test_launcher_missing_checkpoints_and_bad_override(slurm_client):
     assert "convert" in p.stderr
     p = launch(fake_job_env(nodes=1, tasks=8, gpus=8, CHECK_PATHS=0, EXTRA_ARGS="loss.tauu=1"), "recipes/qwen3_4b.yaml")
     assert p.returncode == 1 and "loss.tau" in p.stderr
+
+
+RECIPE_CHECK = ROOT / "slurm" / "_recipe.py"
+
+
+def recipe_check(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """slurm/_recipe.py --check-paths for recipes/qwen3_4b.yaml on one node of 8 GPUs, run in ``cwd``."""
+    cmd = [sys.executable, str(RECIPE_CHECK), str(ROOT / "recipes" / "qwen3_4b.yaml"), "--world", "8", "--nodes", "1",
+           "--tasks-per-node", "8", "--gpus-per-node", "8", "--check-paths", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", **(env or {})})
+
+
+def _fake_checkpoint(root: Path) -> None:
+    it = root / "iter_0000000"
+    (it / "hf_assets").mkdir(parents=True)
+    (it / "eaopd_checkpoint.json").write_text("{}")
+    (it / "hf_assets" / "config.json").write_text("{}")
+    (it / "hf_assets" / "tokenizer.json").write_text("{}")
+    (root / "latest").write_text("iter_0000000\n")
+
+
+def _fake_hub_snapshot(cache: Path, repo: str) -> None:
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("c" * 40)
+    (root / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    (root / "snapshots" / ("c" * 40) / "config.json").write_text("{}")
+
+
+def test_recipe_check_reports_every_missing_path(tmp_path):
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    p = recipe_check(tmp_path, env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1, p.stdout
+    err = p.stderr
+    assert "11 path(s) of" in err, err
+    assert "student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist" in err and "convert_hf.py import" in err
+    assert "teacher.checkpoint = 'checkpoints/mcore/Qwen3-8B' does not exist" in err
+    # hub ids: looked up in the local cache, never downloaded; the error names the download command
+    assert "student.hf_path = 'Qwen/Qwen3-4B-Base' is neither a local folder" in err and str(cache) in err
+    assert "hf download Qwen/Qwen3-4B-Base" in err and "hf download Qwen/Qwen3-8B" in err
+    assert "data.train_files: 'data/math/train.jsonl' does not exist" in err
+    for f in ("math500", "amc23", "minerva_math", "olympiadbench", "aime24", "aime25"):
+        assert f"eval.files: 'data/eval/{f}.jsonl' does not exist" in err, f
+
+
+def test_recipe_check_passes_with_everything_in_place(tmp_path):
+    cache = tmp_path / "hf_cache"
+    for repo in ("Qwen/Qwen3-4B-Base", "Qwen/Qwen3-8B"):
+        _fake_hub_snapshot(cache, repo)
+    for name in ("Qwen3-4B-Base", "Qwen3-8B"):
+        _fake_checkpoint(tmp_path / "checkpoints" / "mcore" / name)
+    for f in ["data/math/train.jsonl"] + [f"data/eval/{b}.jsonl" for b in
+                                          ("math500", "amc23", "minerva_math", "olympiadbench", "aime24", "aime25")]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("{}\n")
+    p = recipe_check(tmp_path, env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 0, p.stderr
+    assert "RECIPE_TP=2" in p.stdout and "RECIPE_STUDENT=checkpoints/mcore/Qwen3-4B-Base" in p.stdout
+    # one broken value at a time is named alone: a run directory where a checkpoint is expected
+    run = tmp_path / "runs" / "old"
+    _fake_checkpoint(run / "checkpoints")
+    (run / "resolved_config.yaml").write_text("{}\n")
+    p = recipe_check(tmp_path, f"teacher.checkpoint={run}", env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1 and "1 path(s)" in p.stderr, p.stderr
+    assert f"teacher.checkpoint = '{run}' is a training run directory" in p.stderr and str(run / "checkpoints") in p.stderr
+    # an HF folder where a Megatron checkpoint is expected: convert it (or use it as hf_path)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    p = recipe_check(tmp_path, f"student.checkpoint={hf}", env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1 and f"python tools/convert_hf.py import --hf {hf} --out CKPT" in p.stderr, p.stderr
+    # hf_path alone (no checkpoint) must hold the weights too
+    p = recipe_check(tmp_path, "student.checkpoint=null", env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1 and "student.hf_path = 'Qwen/Qwen3-4B-Base'" in p.stderr and "weight" in p.stderr, p.stderr
 
 
 def test_launcher_container_args(slurm_client):

