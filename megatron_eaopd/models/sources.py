@@ -119,7 +119,7 @@ def _kind_hint(key: str, kind: SourceKind, value: str) -> str:
         return f"is a Megatron checkpoint, not a Hugging Face model: {where} (it carries its HF assets), " \
                f"or export it first: python tools/convert_hf.py export --ckpt {value} --out HF_DIR"
     where = f"set {base}.hf_path={value}" if base else "pass it where a Hugging Face model is expected"
-    return f"is a Hugging Face model, not a Megatron checkpoint: convert it first " \
+    return f"is a Hugging Face model folder, not a Megatron checkpoint: convert it first " \
            f"(python tools/convert_hf.py import --hf {value} --out CKPT), or {where}"
 
 
@@ -183,6 +183,8 @@ def resolve_model_source(
                 f"{ckpts} (the latest) or {ckpts}/iter_NNNNNNN (one iteration)")
         if _is_megatron(p):
             kind: SourceKind = "megatron"
+            if kind not in kinds:
+                raise ModelSourceError(f"{key} = {s!r} {_kind_hint(key, kind, s)}")
             try:
                 it = resolve_checkpoint(p)
             except FileNotFoundError as e:
