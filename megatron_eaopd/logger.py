@@ -1,17 +1,29 @@
-"""Run logging on global rank 0: console progress bar and per-iteration table, JSONL, TensorBoard, W&B."""
+"""Run logging on global rank 0: console progress bar and per-iteration table, JSONL, TensorBoard, W&B.
+
+Metric names: plain keys (``loss``, ``gate_fraction``) are training metrics and appear in TensorBoard
+under ``train/<key>``; keys that already carry a namespace (``val/mean/avg@8`` from validation) keep
+it (``val/...``). W&B: one run per run directory, across preemptions and requeues: its id is kept in
+``<run_dir>/wandb_run.json`` and a resumed process continues it (``resume="allow"``); the run is named
+after the run directory unless a name is given; the x-axis is the training iteration.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import uuid
 from pathlib import Path
 
 from tqdm import tqdm
 
 from megatron_eaopd.distributed import is_rank0
 
-__all__ = ["MetricsLogger", "TABLE_COLUMNS", "format_table"]
+__all__ = ["MetricsLogger", "TABLE_COLUMNS", "format_table", "WANDB_RUN_FILE", "wandb_run_identity", "tb_tag"]
+
+#: File in the run directory that keeps the W&B run id (and name) across restarts.
+WANDB_RUN_FILE = "wandb_run.json"
 
 #: (metric key, column header, format) of the console table.
 TABLE_COLUMNS = (
@@ -50,6 +62,38 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tb_tag(key: str) -> str:
+    """TensorBoard tag of a metric: ``train/<key>`` for plain keys, the key itself when it already has a
+    namespace (``val/mean/avg@8``)."""
+    return key if "/" in key else f"train/{key}"
+
+
+def wandb_run_identity(run_dir: str | Path, name: str | None = None) -> tuple[str, str]:
+    """The W&B ``(run id, run name)`` of a run directory, created once and kept in ``WANDB_RUN_FILE``.
+
+    The first call writes the file (a fresh 8-character id; the name defaults to the run directory's
+    name) atomically; later calls, e.g. after a requeue, return what it holds, so every restart
+    continues the same W&B run. An explicit ``name`` replaces the stored one (the id never changes).
+    Raises: ValueError when the file exists but is not valid (names the file; delete it to start a new run).
+    """
+    path = Path(run_dir) / WANDB_RUN_FILE
+    if path.exists():
+        try:
+            d = json.loads(path.read_text())
+            run_id, stored = str(d["id"]), str(d.get("name") or Path(run_dir).name)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a valid W&B run file ({e}); delete it to start a new W&B run") from None
+        if name is None or name == stored:
+            return run_id, stored
+    else:
+        run_id = uuid.uuid4().hex[:8]
+    name = name or Path(run_dir).name
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"id": run_id, "name": name}) + "\n")
+    os.replace(tmp, path)
+    return run_id, name
+
+
 class MetricsLogger:
     """Writes one record per iteration; does nothing on ranks other than global rank 0.
 
@@ -58,13 +102,16 @@ class MetricsLogger:
         total_iterations: length of the run (progress bar).
         start_iteration: first iteration of this process (after a resume).
         jsonl, tensorboard: sinks to enable. wandb_project: W&B project (needs ``wandb``), or None.
+        wandb_name: W&B run name (default: the run directory's name); the run id is kept in the run
+            directory (:func:`wandb_run_identity`).
         log_interval: print a table row every this many iterations.
         progress: show a tqdm progress bar on stderr.
+        config: the resolved configuration (recorded by W&B).
     """
 
     def __init__(self, run_dir: str | Path, total_iterations: int, start_iteration: int = 0, *, jsonl: bool = True,
                  tensorboard: bool = True, wandb_project: str | None = None, log_interval: int = 1,
-                 progress: bool = True, config: dict | None = None):
+                 progress: bool = True, config: dict | None = None, wandb_name: str | None = None):
         self.enabled = is_rank0()
         self.rows: list[dict] = []
         self.log_interval = log_interval
@@ -92,7 +139,13 @@ class MetricsLogger:
                 import wandb
             except ImportError as e:
                 raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install wandb") from e
-            self.wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
+            run_id, run_name = wandb_run_identity(self.run_dir, wandb_name)
+            self.wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, id=run_id,
+                                    name=run_name, resume="allow")
+            # the iteration is the x-axis: after a resume from an earlier checkpoint, W&B's own step
+            # counter has moved past it, and logging with step=iteration would drop those rows
+            self.wandb.define_metric("iteration")
+            self.wandb.define_metric("*", step_metric="iteration")
         self.bar = tqdm(total=total_iterations, initial=start_iteration, desc="EOPD", unit="it", dynamic_ncols=True,
                         disable=not progress)
 
@@ -108,10 +161,10 @@ class MetricsLogger:
         if self.tb:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, iteration)
+                    self.tb.add_scalar(tb_tag(k), v, iteration)
             self.tb.flush()
         if self.wandb:
-            self.wandb.log(metrics, step=iteration)
+            self.wandb.log({"iteration": iteration, **metrics})
         if iteration % self.log_interval == 0:
             if self._printed % 20 == 0:
                 self.bar.write(format_table([]))

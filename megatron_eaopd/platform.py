@@ -19,7 +19,7 @@ this. On a CPU-only machine it installs, once per process:
 * a fix for gloo ``dist.scatter``, which silently sends wrong data for non-contiguous inputs
   (torch 2.13): the inputs are made contiguous first.
 
-Findings behind each item: ``shared/docs/megatron_cpu.md`` in the project workspace.
+What runs on CPU and the traps behind each item: ``docs/cpu.md``.
 """
 
 from __future__ import annotations

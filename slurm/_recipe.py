@@ -8,8 +8,13 @@ on stderr with exit code 1. Checks, using the trainer's own schema (``megatron_e
 * the world (``--world``) fits the layout: ``tp*pp`` and ``teacher_tp*teacher_pp`` divide it and the
   mini-batch splits over DP (``Config.resolve_runtime``), and TP does not span nodes;
 * one process per GPU: ``--tasks-per-node`` equals ``--gpus-per-node`` (unless ``--allow-cpu``);
-* the Megatron checkpoints named by ``student.checkpoint`` / ``teacher.checkpoint`` exist
-  (``--check-paths``), and the training files exist.
+* with ``--check-paths``, EVERY path the recipe names, before the job starts its processes (all
+  problems are reported at once): ``student/teacher.checkpoint`` (a Megatron checkpoint of this
+  project), ``student/teacher.hf_path`` (a local HF folder, or a hub id found in the local Hugging Face
+  cache: the error names ``hf download <id>``; with weights when no checkpoint is given),
+  ``student/teacher.tokenizer``, ``data.train_files`` and ``eval.files`` (local files; ``org/name``
+  and ``hf://`` are dataset names). Models resolve through
+  :func:`megatron_eaopd.models.sources.resolve_model_source`, as the trainer does.
 
 Usage::
 
@@ -25,6 +30,41 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _is_local_data(f: str) -> bool:
+    """A data entry that names a local file (``megatron_eaopd.data.load_records``' rule), not a dataset name."""
+    return "://" not in f and (f.endswith((".jsonl", ".json", ".parquet")) or not (("/" in f) and not f.startswith((".", "/"))))
+
+
+def path_problems(cfg) -> list[str]:
+    """Every path of a loaded :class:`megatron_eaopd.config.Config` that cannot be used, as messages."""
+    from megatron_eaopd.models.sources import ModelSourceError, resolve_model_source
+
+    problems = []
+    for role in ("student", "teacher"):
+        m = getattr(cfg, role)
+        checks = []
+        if m.checkpoint:
+            checks.append((f"{role}.checkpoint", m.checkpoint, ("megatron",), "weights"))
+        if m.hf_path:  # architecture/tokenizer when a checkpoint is given, else also the weights
+            checks.append((f"{role}.hf_path", m.hf_path, ("hf_dir", "hub"), "model" if m.checkpoint else "weights"))
+        if getattr(m, "tokenizer", None):
+            checks.append((f"{role}.tokenizer", m.tokenizer, ("megatron", "hf_dir", "hub"), "tokenizer"))
+        for key, value, kinds, need in checks:
+            try:
+                resolve_model_source(value, key=key, kinds=kinds, need=need)
+            except ModelSourceError as e:
+                msg = str(e)
+                if key.endswith(".checkpoint") and "does not exist" in msg:
+                    msg += (f"; convert the HF model first (sbatch slurm/convert.sh HF_DIR:{value}, or "
+                            f"python tools/convert_hf.py import --hf HF_DIR --out {value})")
+                problems.append(msg)
+    for key, files in (("data.train_files", cfg.data.train_files), ("eval.files", cfg.eval.files)):
+        for f in files:
+            if _is_local_data(f) and not Path(f).is_file():
+                problems.append(f"{key}: {f!r} does not exist (relative paths resolve against {Path.cwd()})")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 1
 
-    try:
+    try:  # deferred: a host Python without the project's packages gets this message, not a traceback
         from megatron_eaopd.config import ConfigError, load_config
+        if a.check_paths:
+            import megatron_eaopd.models.sources  # noqa: F401  (path_problems uses it)
     except Exception as e:  # noqa: BLE001
         return fail(f"cannot import megatron_eaopd.config with {sys.executable} ({e}); set PYTHON= to the "
                     "project's environment (or CONTAINER= to an image that has it)")
@@ -80,14 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             return fail(f"{name} = {tp} exceeds the {a.tasks_per_node} GPUs of one node: tensor parallelism "
                         "across nodes is far too slow; use pipeline parallelism (parallel.pp) across nodes")
     if a.check_paths:
-        for name, path in (("student.checkpoint", cfg.student.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint)):
-            if path and not Path(path).exists():
-                return fail(f"{name} = {path!r} does not exist: convert the HF model first "
-                            f"(sbatch slurm/convert.sh, or python tools/convert_hf.py import --hf DIR --out {path})")
-        for f in cfg.data.train_files:  # local files only; "org/name" / "hf://" are dataset names
-            local = f.endswith((".jsonl", ".json", ".parquet")) and "://" not in f
-            if local and not Path(f).exists():
-                return fail(f"data.train_files: {f!r} does not exist")
+        problems = path_problems(cfg)
+        if problems:
+            return fail(f"{len(problems)} path(s) of {a.recipe} cannot be used:\n  " + "\n  ".join(problems))
 
     out = {
         "RECIPE_TP": par.tp,

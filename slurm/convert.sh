@@ -7,7 +7,7 @@
 #   sbatch slurm/convert.sh HF_DIR:OUT_DIR [HF_DIR:OUT_DIR ...]   # any pairs
 #
 # HF_DIR is a local folder (config.json + safetensors), e.g. from
-#   huggingface-cli download Qwen/Qwen3-8B --local-dir checkpoints/hf/Qwen3-8B
+#   hf download Qwen/Qwen3-8B --local-dir checkpoints/hf/Qwen3-8B
 # Env: DTYPE (bf16), VERIFY=1 (compare logits after converting), FORCE=1 (overwrite an existing
 # OUT_DIR; default: skip it), CONTAINER / CONTAINER_MOUNTS / PYTHON as for slurm/launch.sh.
 # Memory: the converter peaks at ~1.3x the weights above the Python baseline (~25 GB for Qwen3-8B).
@@ -38,7 +38,7 @@ PAIRS=("$@")
 for pair in "${PAIRS[@]}"; do   # check everything before converting anything
   [[ $pair == *:* ]] || eaopd_die "argument '$pair' is not HF_DIR:OUT_DIR"
   hf=${pair%%:*}
-  [ -f "$hf/config.json" ] || eaopd_die "$hf/config.json not found: download the model first, e.g. huggingface-cli download Qwen/$(basename "$hf") --local-dir $hf"
+  [ -f "$hf/config.json" ] || eaopd_die "$hf/config.json not found: download the model first, e.g. hf download Qwen/$(basename "$hf") --local-dir $hf"
 done
 echo "convert job $SLURM_JOB_ID on ${SLURMD_NODENAME:-?}: ${PAIRS[*]} (dtype ${DTYPE:-bf16}, python $PYTHON, container ${CONTAINER:-none})"
 

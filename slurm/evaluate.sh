@@ -5,6 +5,9 @@
 #   MODEL=runs/qwen3_4b-123/checkpoints/iter_0000175 sbatch slurm/evaluate.sh [extra evaluate.py args]
 #   MODEL=... sbatch --ntasks-per-node=2 --gpus-per-node=2 slurm/evaluate.sh    # TP=2
 #
+# Prompts use the format the checkpoint was trained with (chat template, suffix: recorded in its
+# eaopd_checkpoint.json); an HF folder or a converted checkpoint records none: plain prompts. Override
+# with extra arguments: sbatch slurm/evaluate.sh --chat-template   (or --no-chat-template)
 # Env: MODEL (required: Megatron checkpoint or HF folder), DATA_DIR (data/eval: math500.jsonl ...),
 # OUT (default <MODEL>/../../eval/<checkpoint name>), TP (default: tasks in the job),
 # CONTAINER / CONTAINER_MOUNTS / PYTHON as for slurm/launch.sh.
@@ -39,5 +42,5 @@ echo "evaluate job $SLURM_JOB_ID: model $MODEL, data $DATA_DIR, out $OUT, TP=$TP
 # requeue/rerun resumes: tools/evaluate.py skips problems already complete in OUT
 srun --kill-on-bad-exit=1 --ntasks="$WORLD_SIZE_SLURM" "${EAOPD_CONTAINER_ARGS[@]}" \
   bash "$ROOT/slurm/_task.sh" "$PYTHON" tools/evaluate.py --model "$MODEL" --data-dir "$DATA_DIR" \
-  --out "$OUT" --tp "$TP" --chat-template --no-progress "$@"
+  --out "$OUT" --tp "$TP" --no-progress "$@"
 echo "[evaluate] done: $OUT/summary.json"

@@ -1,6 +1,6 @@
 """Independent float64 single-process reference for the EOPD loss (plain torch on FULL logits).
 
-Written straight from method.md, sharing no code with ``megatron_eaopd.loss``. Everything takes the
+Written straight from docs/method.md, sharing no code with ``megatron_eaopd.loss``. Everything takes the
 gathered full-vocabulary logits ``[..., V]`` and returns float64.
 """
 

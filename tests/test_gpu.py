@@ -122,8 +122,8 @@ def test_mfu_arithmetic_and_batch_shape():
 
 def test_shellcheck_clean():
     sc = shutil.which("shellcheck")
-    if sc is None:
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    if sc is None:  # make test installs it first (make system-deps -> tests/system_deps.sh)
+        pytest.fail("shellcheck not installed: run 'make system-deps' (root or sudo) before the tests", pytrace=False)
     proc = subprocess.run([sc, str(SUITE)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

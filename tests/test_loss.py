@@ -85,7 +85,7 @@ def _loss(student, teacher, target, old, mask, cfg, **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# Micro-batch invariance (prior_art B4)
+# Micro-batch invariance (docs/design.md, failure classes: verl-project/verl#7200)
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["topk", "full"])
 def test_micro_batch_invariance(mode):

@@ -6,8 +6,9 @@ Unit tests (seconds, no cluster): ``slurm/_env.sh`` host-list expansion (the pur
 ``scontrol show hostnames``), head node / port / world derivation for 1-3 nodes, the launcher's
 error messages (``DRY_RUN=1`` with a faked SLURM environment), and shellcheck on every script.
 
-Cluster tests (``slow``; the cluster is installed with apt if missing, started once per module and
-stopped by PID files in a finalizer): ``sbatch slurm/qwen3_4b.sh`` on 2 nodes x 1 task with
+Cluster tests (``slow``; the Slurm packages are installed by ``make system-deps`` before any test
+runs, and a missing one fails the test; the cluster is started once per module and stopped by PID
+files in a finalizer): ``sbatch slurm/qwen3_4b.sh`` on 2 nodes x 1 task with
 ``ALLOW_CPU=1`` (gloo) and the stand-in trainer ``tests/scripts/fake_trainer.py`` (same process
 contract as ``megatron_eaopd.train``): the job completes, every rank sees the same head node and a
 distinct rank; ``scancel --signal=USR1 --batch`` -> checkpoint -> self-requeue -> resume;
@@ -21,8 +22,8 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +147,7 @@ def test_launcher_not_under_slurm():
     assert p.returncode == 1 and "not running under SLURM" in p.stderr and "sbatch slurm/qwen3_4b.sh" in p.stderr
 
 
-def test_launcher_needs_gpus_unless_allow_cpu():
+def test_launcher_needs_gpus_unless_allow_cpu(slurm_client):
     p = launch(fake_job_env(CHECK_PATHS=0), "recipes/qwen3_4b.yaml")
     assert p.returncode == 1 and "no GPUs" in p.stderr and "ALLOW_CPU=1" in p.stderr
     p = launch(fake_job_env(CHECK_PATHS=0, ALLOW_CPU=1), "recipes/qwen3_4b.yaml")
@@ -155,7 +156,7 @@ def test_launcher_needs_gpus_unless_allow_cpu():
     assert "logging.run_dir=" + str(ROOT / "runs" / "qwen3_4b-99") in p.stdout
 
 
-def test_launcher_layout_mismatch():
+def test_launcher_layout_mismatch(slurm_client):
     # 3 GPUs on 1 node: student TP=2 does not divide a world of 3
     p = launch(fake_job_env(nodes=1, tasks=3, gpus=3, CHECK_PATHS=0), "recipes/qwen3_4b.yaml")
     assert p.returncode == 1 and "does not divide the world size 3" in p.stderr, p.stderr
@@ -172,7 +173,7 @@ def test_launcher_layout_mismatch():
     assert "train.iterations=3" in p.stdout
 
 
-def test_launcher_missing_checkpoints_and_bad_override():
+def test_launcher_missing_checkpoints_and_bad_override(slurm_client):
     p = launch(fake_job_env(nodes=1, tasks=8, gpus=8), "recipes/qwen3_4b.yaml")
     assert p.returncode == 1 and "student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist" in p.stderr
     assert "convert" in p.stderr
@@ -180,7 +181,83 @@ def test_launcher_missing_checkpoints_and_bad_override():
     assert p.returncode == 1 and "loss.tau" in p.stderr
 
 
-def test_launcher_container_args():
+RECIPE_CHECK = ROOT / "slurm" / "_recipe.py"
+
+
+def recipe_check(cwd: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """slurm/_recipe.py --check-paths for recipes/qwen3_4b.yaml on one node of 8 GPUs, run in ``cwd``."""
+    cmd = [sys.executable, str(RECIPE_CHECK), str(ROOT / "recipes" / "qwen3_4b.yaml"), "--world", "8", "--nodes", "1",
+           "--tasks-per-node", "8", "--gpus-per-node", "8", "--check-paths", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", **(env or {})})
+
+
+def _fake_checkpoint(root: Path) -> None:
+    it = root / "iter_0000000"
+    (it / "hf_assets").mkdir(parents=True)
+    (it / "eaopd_checkpoint.json").write_text("{}")
+    (it / "hf_assets" / "config.json").write_text("{}")
+    (it / "hf_assets" / "tokenizer.json").write_text("{}")
+    (root / "latest").write_text("iter_0000000\n")
+
+
+def _fake_hub_snapshot(cache: Path, repo: str) -> None:
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("c" * 40)
+    (root / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    (root / "snapshots" / ("c" * 40) / "config.json").write_text("{}")
+
+
+def test_recipe_check_reports_every_missing_path(tmp_path):
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    p = recipe_check(tmp_path, env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1, p.stdout
+    err = p.stderr
+    assert "11 path(s) of" in err, err
+    assert "student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist" in err and "convert_hf.py import" in err
+    assert "teacher.checkpoint = 'checkpoints/mcore/Qwen3-8B' does not exist" in err
+    # hub ids: looked up in the local cache, never downloaded; the error names the download command
+    assert "student.hf_path = 'Qwen/Qwen3-4B-Base' is neither a local folder" in err and str(cache) in err
+    assert "hf download Qwen/Qwen3-4B-Base" in err and "hf download Qwen/Qwen3-8B" in err
+    assert "data.train_files: 'data/math/train.jsonl' does not exist" in err
+    for f in ("math500", "amc23", "minerva_math", "olympiadbench", "aime24", "aime25"):
+        assert f"eval.files: 'data/eval/{f}.jsonl' does not exist" in err, f
+
+
+def test_recipe_check_passes_with_everything_in_place(tmp_path):
+    cache = tmp_path / "hf_cache"
+    for repo in ("Qwen/Qwen3-4B-Base", "Qwen/Qwen3-8B"):
+        _fake_hub_snapshot(cache, repo)
+    for name in ("Qwen3-4B-Base", "Qwen3-8B"):
+        _fake_checkpoint(tmp_path / "checkpoints" / "mcore" / name)
+    for f in ["data/math/train.jsonl"] + [f"data/eval/{b}.jsonl" for b in
+                                          ("math500", "amc23", "minerva_math", "olympiadbench", "aime24", "aime25")]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("{}\n")
+    p = recipe_check(tmp_path, env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 0, p.stderr
+    assert "RECIPE_TP=2" in p.stdout and "RECIPE_STUDENT=checkpoints/mcore/Qwen3-4B-Base" in p.stdout
+    # one broken value at a time is named alone: a run directory where a checkpoint is expected
+    run = tmp_path / "runs" / "old"
+    _fake_checkpoint(run / "checkpoints")
+    (run / "resolved_config.yaml").write_text("{}\n")
+    p = recipe_check(tmp_path, f"teacher.checkpoint={run}", env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1 and "1 path(s)" in p.stderr, p.stderr
+    assert f"teacher.checkpoint = '{run}' is a training run directory" in p.stderr and str(run / "checkpoints") in p.stderr
+    # an HF folder where a Megatron checkpoint is expected: convert it (or use it as hf_path)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    p = recipe_check(tmp_path, f"student.checkpoint={hf}", env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1 and f"python tools/convert_hf.py import --hf {hf} --out CKPT" in p.stderr, p.stderr
+    # hf_path alone (no checkpoint) must hold the weights too
+    p = recipe_check(tmp_path, "student.checkpoint=null", env={"HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 1 and "student.hf_path = 'Qwen/Qwen3-4B-Base'" in p.stderr and "weight" in p.stderr, p.stderr
+
+
+def test_launcher_container_args(slurm_client):
     p = launch(fake_job_env(CHECK_PATHS=0, ALLOW_CPU=1, CONTAINER="nvcr.io#nvidia/pytorch:25.01-py3",
                             CONTAINER_MOUNTS="/data:/data", PYTHON=ROOT / ".venv" / "bin" / "python"),
                "recipes/qwen3_4b.yaml")
@@ -208,26 +285,26 @@ def test_sbatch_files_are_thin_and_consistent():
         assert len(code) <= 3, code  # thin: everything else lives in launch.sh
 
 
-def _ensure_apt(pkg_cmd: str, *pkgs: str) -> str | None:
-    """Install ``pkgs`` with apt when ``pkg_cmd`` is missing; return a skip reason or None."""
-    if shutil.which(pkg_cmd):
-        return None
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return f"{pkg_cmd} missing and apt-get unavailable (needs root on Debian/Ubuntu)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *pkgs]
-    if subprocess.run(cmd, capture_output=True, env=env, timeout=600).returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env, timeout=600)
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        if p.returncode != 0:
-            return f"apt-get install {' '.join(pkgs)} failed: {p.stderr[-300:]}"
-    return None if shutil.which(pkg_cmd) else f"{pkg_cmd} still missing after apt-get install"
+SYSTEM_DEPS = ROOT / "tests" / "system_deps.sh"
+
+
+def require_system_packages(*pkgs: str) -> None:
+    """Fail (not skip) when a system package the test needs is missing: ``make test`` installs them
+    first (``make system-deps`` -> tests/system_deps.sh), so a missing one is a setup defect."""
+    p = subprocess.run(["bash", str(SYSTEM_DEPS), "--check", *pkgs], capture_output=True, text=True, timeout=60)
+    if p.returncode != 0:
+        pytest.fail(f"system packages missing ({p.stderr.strip()}); 'make test' installs them first, or run "
+                    "'make system-deps' as root", pytrace=False)
+
+
+@pytest.fixture
+def slurm_client():
+    """The launcher checks ``srun`` on PATH even in a dry run: the Slurm client tools must be there."""
+    require_system_packages("slurm-wlm")
 
 
 def test_shellcheck_clean():
-    reason = _ensure_apt("shellcheck", "shellcheck")
-    if reason:
-        pytest.skip(reason)
+    require_system_packages("shellcheck")
     scripts = sorted(str(p.relative_to(ROOT)) for d in ("slurm", "tests/slurm") for p in (ROOT / d).rglob("*.sh"))
     assert len(scripts) >= 9, scripts
     p = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -239,22 +316,16 @@ def test_shellcheck_clean():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A 2-node local Slurm cluster (fake GPUs, pyxis option stub when it builds); torn down after."""
+    """A 2-node local Slurm cluster (fake GPUs, the pyxis option stub); torn down after."""
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster needs root (slurmd launches jobs)")
-    reason = _ensure_apt("slurmctld", "slurm-wlm", "munge")
-    if reason:
-        pytest.skip(reason)
+    require_system_packages("slurm-wlm", "munge", "gcc", "libc6-dev", "libslurm-dev")
     env = {**os.environ, "EAOPD_SLURM_DIR": CLUSTER_DIR, "EAOPD_SLURM_PORT": CLUSTER_PORT, "EAOPD_SLURM_NODES": "2",
            "EAOPD_SLURM_CPUS": "2", "EAOPD_SLURM_GPUS": "2", "EAOPD_SLURM_PYXIS": "1"}
     try:
         up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, env=env, timeout=300)
-        pyxis = up.returncode == 0
-        if not pyxis:  # no gcc / libslurm-dev: run without the container stub
-            env["EAOPD_SLURM_PYXIS"] = "0"
-            up = subprocess.run(["bash", str(UP)], capture_output=True, text=True, env=env, timeout=300)
         assert up.returncode == 0, f"cluster_up failed:\n{up.stdout}\n{up.stderr}"
-        yield {"conf": f"{CLUSTER_DIR}/etc/slurm.conf", "pyxis": pyxis}
+        yield {"conf": f"{CLUSTER_DIR}/etc/slurm.conf"}
     finally:
         subprocess.run(["bash", str(DOWN)], capture_output=True, text=True, timeout=120,
                        env={**env, "EAOPD_SLURM_PURGE": "1"})
@@ -409,8 +480,6 @@ def test_unfinished_job_prints_continue_command(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_container_options_reach_srun(cluster, tmp_path):
-    if not cluster["pyxis"]:
-        pytest.skip("pyxis option stub not built (needs gcc + libslurm-dev)")
     job = Job(cluster, tmp_path, "train.iterations=2",
               env={"CONTAINER": "/images/eaopd.sqsh", "CONTAINER_MOUNTS": "/tmp:/tmp", "PYTHON": str(ROOT / ".venv" / "bin" / "python")})
     info = job.wait()

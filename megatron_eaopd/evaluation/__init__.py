@@ -1,6 +1,6 @@
 """Evaluation: math-verify grading in worker processes, Avg@k / pass@k, and the benchmark runner.
 
-Protocol: method.md "Evaluation". Submodules: ``grading`` (last-\\boxed extraction, math-verify,
+Protocol: docs/method.md, "Evaluation protocol". Submodules: ``grading`` (last-\\boxed extraction, math-verify,
 GradingPool with hard per-item timeouts), ``metrics`` (pass@k, Avg@k, means), ``runner`` (the
 resumable benchmark pipeline, Generator protocol, scripted/replay generators, Markdown table),
 ``model_generator`` (load a Megatron checkpoint / HF folder at any TP/PP, sample through it, spread

@@ -1,6 +1,6 @@
 """Answer grading with math-verify, in worker processes with a hard per-item timeout.
 
-Protocol (method.md, "Evaluation"): the model is asked to "put your final answer within \\boxed{}";
+Protocol (docs/method.md, "Evaluation protocol"): the model is asked to "put your final answer within \\boxed{}";
 the answer is the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) of the output, and it is
 checked against the gold answer with math-verify: ``verify(parse(gold), parse(answer))``.
 
@@ -11,7 +11,8 @@ parent enforces the per-item wall-clock timeout: a worker that runs past it is k
 and the item is reported as ``timed_out`` (and counted as wrong). A worker that dies is also replaced
 and the item reported with ``error``.
 
-This module does not import math_verify at import time (the parent only needs ``last_boxed``).
+This module does not import math_verify at import time (the parent only needs ``last_boxed``, which
+lives in :mod:`megatron_eaopd.answers` and is re-exported here).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import wait as _mp_wait
 from typing import Any, Callable, Iterable, Sequence
 
+from megatron_eaopd.answers import last_boxed
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -35,63 +38,6 @@ __all__ = [
     "grade_one",
     "grade_answers",
 ]
-
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-
-
-def last_boxed(text: str | None) -> str | None:
-    """Content of the LAST ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, with nested braces.
-
-    Also accepts the brace-less form ``\\boxed 5`` (content up to the next whitespace or ``$``).
-    Args: text: model output (str) or None.
-    Returns: the content (str, stripped; may be empty for ``\\boxed{}``), or None when there is no
-        box or the last box is unterminated (the output was cut off inside it).
-    Source: the answer-extraction convention of the paper's prompt (method.md, "Evaluation").
-    """
-    if not text:
-        return None
-    best = -1
-    cmd_len = 0
-    for cmd in _BOX_COMMANDS:
-        i = text.rfind(cmd)
-        while i != -1:
-            # \boxed must not be a prefix of a longer command name (e.g. \boxedfoo)
-            nxt = text[i + len(cmd): i + len(cmd) + 1]
-            if not (nxt.isalpha()):
-                break
-            i = text.rfind(cmd, 0, i)
-        if i > best:
-            best, cmd_len = i, len(cmd)
-    if best < 0:
-        return None
-    j = best + cmd_len
-    n = len(text)
-    while j < n and text[j] == " ":
-        j += 1
-    if j < n and text[j] == "{":
-        depth = 0
-        k = j
-        while k < n:
-            c = text[k]
-            if c == "\\" and k + 1 < n and text[k + 1] in "{}":
-                k += 2  # escaped brace \{ or \} does not count
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[j + 1: k].strip()
-            k += 1
-        return None  # unterminated box
-    if j > best + cmd_len:  # "\boxed 5" form
-        k = j
-        while k < n and not text[k].isspace() and text[k] != "$":
-            k += 1
-        content = text[j:k].strip()
-        return content or None
-    return None
-
 
 def _wrap_gold(gold: str) -> str:
     """Gold answer -> a string math-verify's LaTeX extractor parses (``$\\boxed{gold}$``)."""

@@ -1,6 +1,6 @@
 """Benchmark metrics: Avg@k, unbiased pass@k, response length, truncation rate, benchmark means.
 
-Source: method.md "Evaluation": Avg@8 = mean fraction of correct samples; Pass@8 = fraction of
+Source: docs/method.md, "Evaluation protocol": Avg@8 = mean fraction of correct samples; Pass@8 = fraction of
 problems with any correct sample; headline = unweighted mean over benchmarks; with n > k samples the
 unbiased estimator pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, "Evaluating Large Language
 Models Trained on Code"), computed as a stable product.
@@ -21,7 +21,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     this is exactly "any of the n samples is correct".
     Args: n (int): samples drawn; c (int): correct samples, 0 <= c <= n; k (int): 1 <= k <= n.
     Returns: float in [0, 1]. Raises: ValueError on out-of-range arguments (incl. k > n).
-    Source: Chen et al. 2021 (Codex), as specified in method.md "Evaluation".
+    Source: Chen et al. 2021 (Codex), as specified in docs/method.md, "Evaluation protocol".
     """
     if n < 1:
         raise ValueError(f"pass@k needs n >= 1 samples, got n={n}")
@@ -85,7 +85,7 @@ def benchmark_metrics(per_problem: Sequence[Sequence[Mapping]], ks: Iterable[int
 
 def mean_over_benchmarks(per_benchmark: Mapping[str, Mapping[str, float]],
                          keys: Iterable[str] | None = None) -> dict:
-    """Unweighted mean over benchmarks of each metric (method.md: the headline number).
+    """Unweighted mean over benchmarks of each metric (docs/method.md: the headline number).
 
     Args: per_benchmark: ``{benchmark: metrics dict}`` (from ``benchmark_metrics``); keys: which
         metrics to average (default: ``avg``, every ``pass@k``, ``mean_length``, ``truncation_rate``

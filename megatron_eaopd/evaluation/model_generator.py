@@ -27,8 +27,11 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_eaopd.checkpoint import META_FILE, read_checkpoint_metadata
 from megatron_eaopd.distributed import init_world
 from megatron_eaopd.evaluation.runner import Generator, Sample
+from megatron_eaopd.models.sources import resolve_model_source as resolve_source
+from megatron_eaopd.prompts import PromptFormat
 from megatron_eaopd.rollout import RolloutParams, stop_token_ids
 from megatron_eaopd.rollout.engine import RolloutEngine
 from megatron_eaopd.rollout.factory import make_engine
@@ -36,6 +39,7 @@ from megatron_eaopd.rollout.factory import make_engine
 __all__ = [
     "LoadedModel",
     "resolve_model_source",
+    "training_prompt_format",
     "load_eval_model",
     "MegatronGenerator",
     "local_generator",
@@ -68,39 +72,38 @@ class LoadedModel:
 
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[str, Path, Path]:
-    """Classify ``--model``: a Megatron checkpoint or a Hugging Face folder.
+    """Classify ``--model``: a Megatron checkpoint, a Hugging Face folder, or a cached hub id.
 
-    Args: path: a checkpoint root (``latest`` + ``iter_*``), an ``iter_*`` folder, or an HF folder.
+    Args: path: a checkpoint root (``latest`` + ``iter_*``), an ``iter_*`` folder, an HF folder, or a
+        hub id present in the local Hugging Face cache.
     Returns: ``(kind, weights_path, assets_dir)``: kind ``"megatron"`` (weights_path = the resolved
-        ``iter_*`` folder, assets_dir = its ``hf_assets``) or ``"hf"`` (both = the folder).
-    Raises: FileNotFoundError naming the path and the fix: missing path, a folder that is neither,
-        a checkpoint without ``hf_assets``, an HF folder without weights.
-    Source: layouts of :mod:`megatron_eaopd.checkpoint` and ``save_pretrained``.
+        ``iter_*`` folder, assets_dir = its ``hf_assets``) or ``"hf"`` (both = the folder / snapshot).
+    Raises: FileNotFoundError (:class:`~megatron_eaopd.models.sources.ModelSourceError`) naming the
+        value and the fix: missing path or uncached hub id (names ``hf download``), a training run
+        directory (names its ``checkpoints``), a folder that is not a model, a checkpoint without
+        ``hf_assets``, an HF folder without weights.
+    Source: :func:`megatron_eaopd.models.sources.resolve_model_source`.
     """
-    from megatron_eaopd.checkpoint import ASSETS_DIR, resolve_checkpoint
-    from megatron_eaopd.models.hf import inspect_hf_dir, looks_like_megatron_checkpoint
+    src = resolve_source(path, key="--model", need="weights")
+    return ("megatron" if src.is_megatron else "hf"), src.path, src.assets
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"--model {p} does not exist; pass a Megatron checkpoint folder (the trainer's "
-                                f"<run_dir>/checkpoints or tools/convert_hf.py import output) or a Hugging Face model folder")
-    if not p.is_dir():
-        raise FileNotFoundError(f"--model {p} is a file; pass the folder that holds it (a Megatron checkpoint "
-                                f"root or a Hugging Face model folder with config.json)")
-    if (p / "config.json").is_file():
-        inspect_hf_dir(p)  # clear error when the weights are missing
-        return "hf", p, p
-    if looks_like_megatron_checkpoint(p):
-        d = resolve_checkpoint(p)
-        assets = d / ASSETS_DIR
-        if not (assets / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {d} has no {ASSETS_DIR}/config.json (model config and tokenizer); "
-                                    f"copy the source model's config.json and tokenizer files into {assets}")
-        return "megatron", d, assets
-    raise FileNotFoundError(
-        f"--model {p} is neither a Megatron checkpoint (no 'latest' file or iter_* folder) nor a Hugging Face "
-        f"folder (no config.json); pass a checkpoint root written by the trainer / tools/convert_hf.py import, "
-        f"or a folder written by save_pretrained")
+
+def training_prompt_format(path: str | os.PathLike) -> PromptFormat | None:
+    """The prompt format a training checkpoint was trained with, or None.
+
+    Reads ``"prompt_format"`` from the checkpoint's ``eaopd_checkpoint.json`` (written by the
+    trainer). None for a Hugging Face folder, a hub id, or a checkpoint without that key (e.g. one
+    written by ``tools/convert_hf.py import``).
+    Raises: FileNotFoundError as :func:`resolve_model_source`; ValueError when the stored format is
+        malformed (names the file).
+    """
+    kind, weights, _ = resolve_model_source(path)
+    if kind != "megatron":
+        return None
+    meta = read_checkpoint_metadata(weights)
+    if "prompt_format" not in meta:
+        return None
+    return PromptFormat.from_dict(meta["prompt_format"], where=f"{Path(meta['path']) / META_FILE}: prompt_format")
 
 
 def _default_dtype() -> torch.dtype:

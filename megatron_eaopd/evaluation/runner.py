@@ -1,6 +1,6 @@
 """The benchmark pipeline: prompts -> n samples per problem -> math-verify grading -> metrics/tables.
 
-Protocol (method.md "Evaluation", paper defaults): six benchmarks (MATH500, AMC23, Minerva,
+Protocol (docs/method.md, "Evaluation protocol"; paper defaults): six benchmarks (MATH500, AMC23, Minerva,
 OlympiadBench, AIME24, AIME25), n = 8 samples per problem at temperature 1.0, top-p 0.8, at most 8192
 new tokens, prompt = problem + "Please reason step by step, and put your final answer within
 \\boxed{}.", checker math-verify; Avg@8, Pass@8, and their unweighted mean over benchmarks.
@@ -50,7 +50,7 @@ __all__ = [
     "format_table",
 ]
 
-#: Standard benchmark name -> file name in ``--data-dir`` (the files of /work/shared/data).
+#: Standard benchmark name -> file name in ``--data-dir`` (the six benchmark files).
 STANDARD_BENCHMARKS: dict[str, str] = {
     "MATH500": "math500.jsonl",
     "AMC23": "amc23.jsonl",
@@ -159,14 +159,15 @@ class ReplayGenerator(ScriptedGenerator):
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings (defaults: the paper's, method.md "Evaluation").
+    """Evaluation settings (defaults: the paper's, docs/method.md "Evaluation protocol").
 
     n (int): samples per problem (8); ks (list[int]): pass@k values (default [n]); temperature (1.0),
     top_p (0.8), max_new_tokens (8192): recorded for the generator/summary; seed (int): base seed
     (each generation call uses ``seed + 1000003*benchmark_index + first_problem_index``);
     batch_problems (int): problems per generate() call; limit (int | None): first N problems per
     benchmark; grading_workers (int), grading_timeout (float, seconds per sample);
-    suffix/separator/chat_template/tokenizer: prompt construction (see ``data.build_prompt``);
+    suffix/separator/chat_template/chat_template_kwargs/tokenizer: prompt construction (see
+    ``prompts.build_prompt``; kwargs default ``{"enable_thinking": False}``);
     fields (FieldMap): field names in the benchmark files; progress (bool): tqdm bar.
     """
 
@@ -183,6 +184,7 @@ class EvalConfig:
     suffix: str | None = PROMPT_SUFFIX
     separator: str = PROMPT_SEPARATOR
     chat_template: bool = False
+    chat_template_kwargs: dict | None = None
     tokenizer: Any = None
     fields: FieldMap = field(default_factory=lambda: FieldMap(problem="problem", answer="answer", id="id"))
     progress: bool = True
@@ -228,7 +230,7 @@ def resolve_benchmarks(names: Sequence[str], data_dir: str | Path | None) -> lis
 
 
 def load_benchmark(path: str | Path, fields: FieldMap | None = None, limit: int | None = None) -> list[PromptRecord]:
-    """Load one benchmark file (schema of /work/shared/data: ``id``, ``problem``, ``answer``).
+    """Load one benchmark file (JSONL/Parquet rows with ``id``, ``problem``, ``answer`` by default).
 
     When the file has no ``id`` field the 0-based row index is used. Raises FileNotFoundError,
     DataError naming the file and line of a missing field, DataError for an empty file.
@@ -261,7 +263,8 @@ def _read_samples(samples_path: Path) -> dict[tuple[str, str], dict[int, dict]]:
 
 
 #: Settings that change the samples: a resumed run must use the same ones.
-_RESUME_KEYS = ("model", "temperature", "top_p", "max_new_tokens", "seed", "prompt_suffix", "chat_template")
+_RESUME_KEYS = ("model", "temperature", "top_p", "max_new_tokens", "seed", "prompt_suffix", "chat_template",
+                "prompt_separator", "chat_template_kwargs")
 
 
 def _check_resume_config(out: Path, run_cfg: dict) -> None:
@@ -269,7 +272,8 @@ def _check_resume_config(out: Path, run_cfg: dict) -> None:
     path = out / "run_config.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        diff = {k: (old.get(k), run_cfg.get(k)) for k in _RESUME_KEYS if old.get(k) != run_cfg.get(k)}
+        # keys a folder was written without (older versions) are not compared
+        diff = {k: (old.get(k), run_cfg.get(k)) for k in _RESUME_KEYS if k in old and old[k] != run_cfg.get(k)}
         if diff:
             raise ValueError(f"{out} holds samples generated with other settings {diff} (saved vs now); "
                              f"use a new --out folder or delete {out / 'samples.jsonl'}")
@@ -315,7 +319,8 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
     samples_path = out / "samples.jsonl"
     run_cfg = {"model": model_name, "n": cfg.n, "ks": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,
                "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "limit": cfg.limit,
-               "prompt_suffix": cfg.suffix, "chat_template": cfg.chat_template}
+               "prompt_suffix": cfg.suffix, "chat_template": cfg.chat_template, "prompt_separator": cfg.separator,
+               "chat_template_kwargs": cfg.chat_template_kwargs if cfg.chat_template else None}
     _check_resume_config(out, run_cfg)
     found = _read_samples(samples_path)
     complete = {key for key, d in found.items() if all(i in d for i in range(cfg.n))}
@@ -344,8 +349,8 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
             todo = [(i, r) for i, r in enumerate(recs) if (name, r.id) not in done]
             for start in range(0, len(todo), cfg.batch_problems):
                 chunk = todo[start: start + cfg.batch_problems]
-                prompts = [build_prompt(r.problem, cfg.tokenizer, cfg.chat_template, cfg.suffix, cfg.separator)
-                           for _, r in chunk]
+                prompts = [build_prompt(r.problem, cfg.tokenizer, cfg.chat_template, cfg.suffix, cfg.separator,
+                                        cfg.chat_template_kwargs) for _, r in chunk]
                 seed = cfg.seed + 1000003 * b_idx + chunk[0][0]
                 bar.set_postfix_str(f"{name}: generating")
                 gens = generator.generate(prompts, cfg.n, seed)

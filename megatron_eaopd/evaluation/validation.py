@@ -18,7 +18,7 @@ Grading runs in a forkserver ``GradingPool`` on rank 0: the launching script mus
 point with ``if __name__ == "__main__":`` (``python -m megatron_eaopd.train`` does), otherwise every
 grading worker re-runs the script and each sample times out (reported in ``val/grading_timeouts``).
 
-Source: method.md "Evaluation" (Avg@n, unbiased pass@k, unweighted mean over benchmarks).
+Source: docs/method.md, "Evaluation protocol" (Avg@n, unbiased pass@k, unweighted mean over benchmarks).
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch.distributed as dist
+
+from megatron_eaopd.prompts import PromptFormat
 
 __all__ = ["run_validation", "flatten_summary"]
 
@@ -62,7 +64,8 @@ def _chunks(model: Any) -> list:
 def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, out_dir: str | Path,
                    stop_ids: Sequence[int], chat_template: bool = False, *, rollout_engine: Any = None,
                    seed: int = 0, grading_workers: int = 1, grading_timeout: float = 10.0,
-                   engine: str = "auto", max_batch_size: int | None = None) -> dict[str, float]:
+                   engine: str = "auto", max_batch_size: int | None = None,
+                   prompt_format: PromptFormat | None = None) -> dict[str, float]:
     """Evaluate the current model on the held-out files of ``eval_cfg``; collective over ALL ranks.
 
     Args:
@@ -80,13 +83,15 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
         seed: sampling seed (the same every call, so iterations are compared on the same draws).
         grading_workers, grading_timeout: math-verify worker processes / seconds per sample.
         engine, max_batch_size: passed to :func:`~megatron_eaopd.evaluation.model_generator.local_generator`.
+        prompt_format: the training run's :class:`~megatron_eaopd.prompts.PromptFormat` (chat template,
+            suffix, separator, template options); default: the paper's suffix and ``chat_template``.
     Returns:
         flat metrics (see the module doc), identical on every rank.
     Raises:
         ValueError: no ``eval.files``, or some k > n. FileNotFoundError: a missing file.
         RuntimeError: on the other ranks, when evaluation failed on rank 0 (names the error there;
             rank 0 re-raises the original exception).
-    Source: method.md "Evaluation"; same pipeline as ``tools/evaluate.py``.
+    Source: docs/method.md, "Evaluation protocol"; same pipeline as ``tools/evaluate.py``.
     """
     from megatron_eaopd.evaluation.model_generator import DistributedGenerator, local_generator
     from megatron_eaopd.evaluation.runner import EvalConfig, resolve_benchmarks, run_evaluation
@@ -99,6 +104,9 @@ def run_validation(model: Any, tokenizer: Any, eval_cfg: Any, iteration: int, ou
                      max_new_tokens=int(eval_cfg.max_new_tokens), seed=int(seed), limit=getattr(eval_cfg, "limit", None),
                      grading_workers=grading_workers, grading_timeout=grading_timeout,
                      chat_template=bool(chat_template), tokenizer=tokenizer, progress=False)
+    if prompt_format is not None:
+        cfg.chat_template, cfg.suffix = prompt_format.chat_template, prompt_format.suffix
+        cfg.separator, cfg.chat_template_kwargs = prompt_format.separator, dict(prompt_format.chat_template_kwargs)
     cfg.resolved_ks()  # k > n: the same error on every rank, before any collective
     chunks = _chunks(model)
     modes = [c.training for c in chunks]

