@@ -153,7 +153,9 @@ def resume_train_state(ckpt_dir: str | Path, student: Student, loader,
             f"new logging.run_dir / checkpoint.dir"
         ) from e
     student.scheduler.load_state_dict(common["scheduler"])
-    loader.load_state_dict(common["data"])
+    note = loader.load_state_dict(common["data"])
+    if note:
+        print_rank0(f"[eopd] {note}")
     restore_rng(common.get("rng"))
     print_rank0(f"[eopd] resumed from {ckpt_dir} at iteration {it}")
     return it

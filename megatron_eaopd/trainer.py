@@ -28,9 +28,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from transformers import AutoTokenizer
 
-from megatron_eaopd.checkpoint import ASSETS_DIR, load_checkpoint, resolve_checkpoint
+from megatron_eaopd.checkpoint import load_checkpoint
 from megatron_eaopd.config import Config, ConfigError, resolve_layout, write_resolved_config
-from megatron_eaopd.data import PromptDataset, PromptLoader, load_records
+from megatron_eaopd.data import PromptDataset, PromptLoader, load_records, write_skipped_prompts
 from megatron_eaopd.distributed import (
     all_reduce_scalars,
     init_distributed,
@@ -45,8 +45,8 @@ from megatron_eaopd.logger import MetricsLogger
 from megatron_eaopd.loss import build_objective
 from megatron_eaopd.models.backend import te_available
 from megatron_eaopd.models.convert import load_hf_weights
-from megatron_eaopd.models.hf import looks_like_megatron_checkpoint
 from megatron_eaopd.models.provider import build_gpt_model
+from megatron_eaopd.models.sources import resolve_model_source
 from megatron_eaopd.phases import (
     counts_once,
     old_log_probs_phase,
@@ -56,6 +56,7 @@ from megatron_eaopd.phases import (
     teacher_phase,
     update_phase,
 )
+from megatron_eaopd.prompts import PromptFormat
 from megatron_eaopd.rollout import stop_token_ids
 from megatron_eaopd.rollout.factory import make_engine
 from megatron_eaopd.student import build_student
@@ -65,13 +66,6 @@ from megatron_eaopd.train_state import resume_train_state, save_train_state
 __all__ = ["Trainer", "train"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _assets_dir(path: str) -> str:
-    """The HF assets (config, tokenizer) of a Megatron checkpoint root/iter dir, or ``path`` itself."""
-    if looks_like_megatron_checkpoint(path):
-        return str(resolve_checkpoint(path) / ASSETS_DIR)
-    return path
 
 
 def model_dtype(name: str) -> torch.dtype:
@@ -123,7 +117,7 @@ class Trainer:
         cfg = self.cfg
         init_distributed()
         self.layout = layout = resolve_layout(cfg, dist.get_world_size(), torch.cuda.is_available(), te_available())
-        self._check_paths()
+        self._resolve_sources()
         init_model_parallel(tp=layout.tp, pp=layout.pp)
         seed_everything(cfg.train.seed)
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -132,7 +126,7 @@ class Trainer:
             write_resolved_config(cfg, self.run_dir, layout)
         self._build_tokenizer_and_data()
         overrides = {"sequence_parallel": layout.sequence_parallel}
-        self.student = build_student(_assets_dir(cfg.student.model_source()), params_dtype=model_dtype(cfg.student.dtype),
+        self.student = build_student(str(self.sources["student"].assets), params_dtype=model_dtype(cfg.student.dtype),
                                      opt_cfg=cfg.optimizer, total_steps=self.total_iterations * cfg.train.mini_batches,
                                      use_distributed_optimizer=layout.use_distributed_optimizer, **overrides)
         info = self.student.info
@@ -141,7 +135,8 @@ class Trainer:
         self.start_iteration = resume_train_state(self.ckpt_dir, self.student, self.loader, cfg.checkpoint.resume)
         if self.start_iteration is None:
             self.start_iteration = 0
-            self.student.load_weights(cfg.student.checkpoint, None if cfg.student.checkpoint else cfg.student.hf_path)
+            src = self.sources["student"]
+            self.student.load_weights(**({"checkpoint": str(src.path)} if src.kind == "megatron" else {"hf_path": str(src.path)}))
         self.stop_ids = stop_token_ids(self.tokenizer, info.eos_token_ids, cfg.data.chat_template)
         self.engine = make_engine(self.student.chunks, self.tokenizer, stop_ids=self.stop_ids, kind=cfg.rollout.engine,
                                   max_batch_size=cfg.rollout.max_batch_size, kv_buffer_gb=cfg.rollout.kv_buffer_gb)
@@ -161,22 +156,29 @@ class Trainer:
             f"iterations x {cfg.train.mini_batches} optimizer steps | run dir {self.run_dir}"
         )
 
-    def _check_paths(self) -> None:
-        """Model and data paths must exist before anything heavy starts (clear errors, no tracebacks)."""
+    def _resolve_sources(self) -> None:
+        """Resolve every model path before anything heavy starts (clear errors, no tracebacks): a checkpoint
+        (it carries its HF assets) or else ``hf_path`` (a folder or a cached hub id) per model, the tokenizer,
+        and the training files."""
         cfg = self.cfg
-        for key, value in (("student.checkpoint", cfg.student.checkpoint), ("teacher.checkpoint", cfg.teacher.checkpoint),
-                           ("student.hf_path", cfg.student.hf_path), ("teacher.hf_path", cfg.teacher.hf_path),
-                           ("student.tokenizer", cfg.student.tokenizer), ("teacher.tokenizer", cfg.teacher.tokenizer)):
-            if value and not Path(value).exists():
-                raise ConfigError(f"config error at {key}: {value!r} does not exist (relative paths resolve against "
-                                  f"{Path.cwd()}); convert the model first with tools/convert_hf.py import")
+        self.sources, self.tokenizer_source = {}, None
+        for role in ("student", "teacher"):
+            m = getattr(cfg, role)
+            if m.checkpoint:
+                src = resolve_model_source(m.checkpoint, key=f"{role}.checkpoint", kinds=("megatron",), need="weights")
+            else:
+                src = resolve_model_source(m.hf_path, key=f"{role}.hf_path", kinds=("hf_dir", "hub"), need="weights")
+            self.sources[role] = src
+        tok = cfg.student.tokenizer
+        self.tokenizer_source = (resolve_model_source(tok, key="student.tokenizer", need="tokenizer").assets if tok
+                                 else self.sources["student"].assets)
         for f in cfg.data.train_files:
             if "://" not in f and not Path(f).exists() and (os.sep in f or f.endswith((".jsonl", ".parquet", ".json"))):
                 raise ConfigError(f"config error at data.train_files: {f!r} does not exist")
 
     def _build_tokenizer_and_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(_assets_dir(cfg.student.tokenizer_source()))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_source))
         records = []
         for f in cfg.data.train_files:
             records += load_records(f, cfg.data.field_map(), split=cfg.data.split, limit=cfg.data.limit,
@@ -187,10 +189,15 @@ class Trainer:
         self.loader = PromptLoader(self.dataset, cfg.train.prompts_per_iteration, seed=cfg.data.shuffle_seed,
                                    num_epochs=None)
         self.total_iterations = cfg.total_iterations(len(self.dataset))
+        self.prompt_format = PromptFormat(chat_template=cfg.data.chat_template, suffix=cfg.data.prompt_suffix,
+                                          separator=cfg.data.prompt_separator)
+        if is_rank0():
+            write_skipped_prompts(self.dataset, self.run_dir)
 
     def _build_teacher(self, overrides: dict) -> Teacher:
         cfg, info = self.cfg, self.student.info
-        chunks, tinfo = build_gpt_model(_assets_dir(cfg.teacher.model_source()), params_dtype=model_dtype(cfg.teacher.dtype),
+        src = self.sources["teacher"]
+        chunks, tinfo = build_gpt_model(str(src.assets), params_dtype=model_dtype(cfg.teacher.dtype),
                                         perform_initialization=False, **overrides)
         if tinfo.true_vocab_size != info.true_vocab_size or tinfo.padded_vocab_size != info.padded_vocab_size:
             raise ConfigError(
@@ -199,10 +206,10 @@ class Trainer:
                 f"EOPD compares the two distributions token by token, so they must have the same vocabulary size "
                 f"(same tokenizer and the same logit width)"
             )
-        if cfg.teacher.checkpoint:
-            load_checkpoint(cfg.teacher.checkpoint, chunks)
+        if src.kind == "megatron":
+            load_checkpoint(src.path, chunks)
         else:
-            load_hf_weights(chunks, cfg.teacher.hf_path, progress=False)
+            load_hf_weights(chunks, src.path, progress=False)
         return Teacher(chunks, self.objective, offload=cfg.teacher.offload)
 
     # ------------------------------------------------------------------------------------------
@@ -210,10 +217,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def save(self, iteration: int) -> Path:
         """Checkpoint model, optimizer, scheduler, RNG, data position and the prompt format (collective)."""
-        d = self.cfg.data
-        meta = {"loss_mode": self.cfg.loss.mode,
-                "prompt_format": {"chat_template": d.chat_template, "suffix": d.prompt_suffix, "separator": d.prompt_separator,
-                                  "chat_template_kwargs": {"enable_thinking": False}}}
+        meta = {"loss_mode": self.cfg.loss.mode, "prompt_format": self.prompt_format.to_dict()}
         return save_train_state(self.ckpt_dir, iteration, self.student, self.loader, keep_last=self.cfg.checkpoint.keep_last,
                                 metadata=meta)
 
@@ -294,7 +298,8 @@ class Trainer:
     def validate(self, iteration: int) -> dict:
         """Avg@n / Pass@k of the current student on the held-out ``eval`` files (collective)."""
         return run_validation(self.student.chunks, self.tokenizer, self.cfg.eval, iteration, self.run_dir / "eval",
-                              self.stop_ids, self.cfg.data.chat_template, rollout_engine=self.engine)
+                              self.stop_ids, self.cfg.data.chat_template, rollout_engine=self.engine,
+                              prompt_format=self.prompt_format)
 
     def export_hf(self) -> Path:
         """Export the final checkpoint to Hugging Face format under ``<run_dir>/hf_student``.

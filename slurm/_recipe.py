@@ -47,8 +47,8 @@ def path_problems(cfg) -> list[str]:
         checks = []
         if m.checkpoint:
             checks.append((f"{role}.checkpoint", m.checkpoint, ("megatron",), "weights"))
-        if m.hf_path:  # architecture/tokenizer when a checkpoint is given, else also the weights
-            checks.append((f"{role}.hf_path", m.hf_path, ("hf_dir", "hub"), "model" if m.checkpoint else "weights"))
+        elif m.hf_path:  # the weights when there is no checkpoint (a checkpoint carries its own HF assets)
+            checks.append((f"{role}.hf_path", m.hf_path, ("hf_dir", "hub"), "weights"))
         if getattr(m, "tokenizer", None):
             checks.append((f"{role}.tokenizer", m.tokenizer, ("megatron", "hf_dir", "hub"), "tokenizer"))
         for key, value, kinds, need in checks:
