@@ -234,15 +234,16 @@ class Trainer:
         dev = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         mbs = batch.micro_batches(cfg.train.micro_batch_size, dev, layout.seq_multiple)
         scores = teacher_phase(self.teacher, mbs)
+        objective = self.objective.for_iteration(scores, mbs, dp_group=ps.get_data_parallel_group())
         t2 = time.perf_counter()
-        old = old_log_probs_phase(self.student, self.objective, mbs)
-        upd = update_phase(self.student, self.objective, mbs, scores, old, cfg.train.mini_batches)
+        old = old_log_probs_phase(self.student, objective, mbs)
+        upd = update_phase(self.student, objective, mbs, scores, old, cfg.train.mini_batches)
         t3 = time.perf_counter()
         correct = self._grade(batch, mine) if counts_once() else None
-        keys = self.objective.sum_keys
+        keys = objective.sum_keys
         local = {**{k: upd.sums.get(k, 0.0) for k in keys}, **rollout_sums(batch, correct)}
         world = all_reduce_scalars(local, contribute=counts_once())
-        metrics = self.objective.reduce({k: world[k] for k in keys})
+        metrics = objective.reduce({k: world[k] for k in keys})
         metrics.update(reduce_rollout_sums(world))
         elapsed = time.perf_counter() - t0
         metrics.update(

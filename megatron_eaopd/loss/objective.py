@@ -17,7 +17,7 @@ picks one from its configuration.
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Protocol, runtime_checkable
+from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -69,6 +69,12 @@ class Objective(Protocol):
         """Summed metrics (over micro-batches and DP ranks) -> the reported means."""
         ...
 
+    def for_iteration(self, teacher, micro_batches: Sequence, *, dp_group=None) -> "Objective":
+        """The objective for one iteration, once the teacher has scored it and before the update (e.g. a
+        threshold set from the whole global batch). ``teacher.for_micro_batch(mb)`` gives each
+        micro-batch's signals. Collective over ``dp_group`` (the data-parallel group) when it needs one."""
+        ...
+
 
 class EOPDObjective:
     """Entropy-aware on-policy distillation (Jin et al. 2026, Eq. 7-10) and its exact full-vocabulary mode.
@@ -104,6 +110,10 @@ class EOPDObjective:
     def reduce(self, sums: Mapping[str, float]) -> dict[str, float]:
         """See :func:`megatron_eaopd.loss.reduce_metric_sums` (token means; ``fkl_gated`` over gated tokens)."""
         return reduce_metric_sums(sums, METRIC_DENOMINATORS)
+
+    def for_iteration(self, teacher, micro_batches: Sequence, *, dp_group=None) -> "EOPDObjective":
+        """Nothing depends on the iteration's batch with these settings: the objective itself."""
+        return self
 
 
 #: Objective name -> class taking the loss configuration.
