@@ -51,7 +51,8 @@ def select_engine_kind(requested: EngineKind, pipeline_parallel: int, cuda: bool
 
 
 def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind: EngineKind = "auto",
-                max_batch_size: int | None = None, kv_buffer_gb: float = 20.0, progress: bool = False) -> RolloutEngine:
+                max_batch_size: int | None = None, kv_buffer_gb: float = 20.0, progress: bool = False,
+                true_vocab_size: int | None = None) -> RolloutEngine:
     """Build the rollout engine for the student's model chunks (used by training and evaluation).
 
     Args:
@@ -62,6 +63,8 @@ def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind:
         max_batch_size: sequences per engine batch (None: all rows of a call).
         kv_buffer_gb: the dynamic engine's KV-cache buffer (GiB).
         progress: show the engine's progress bar.
+        true_vocab_size: ids at or beyond it are never sampled (the vocabulary the student and teacher share;
+            None: the model's own ``true_vocab_size``).
     Returns:
         a :class:`RolloutEngine`.
     Raises:
@@ -71,7 +74,7 @@ def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind:
     chosen, why = select_engine_kind(kind, pp, torch.cuda.is_available())
     if why:
         print_rank0(f"[eopd] {why}")
-    common = dict(max_batch_size=max_batch_size, progress=progress)
+    common = dict(max_batch_size=max_batch_size, progress=progress, true_vocab_size=true_vocab_size)
     if chosen == "static":
         return StaticEngine(model_chunks, tokenizer, stop_ids, **common)
     if chosen == "dynamic":

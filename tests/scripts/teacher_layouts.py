@@ -1,0 +1,128 @@
+"""A teacher in its own layout against the same teacher in the student's layout, on the trainer's tiny models.
+
+    torchrun --nproc-per-node N tests/scripts/teacher_layouts.py MODELS_DIR CASE [CASE ...]
+
+CASE = ``s_tp,s_pp,t_tp,t_pp`` (student TP/PP, teacher TP/PP; DP is what remains of the world). For each
+case and each loss mode (topk, full) this builds the student (weights from its checkpoint), a reference
+teacher in the student's layout (weights from the HF folder, global process groups) and the teacher in
+its own layout (weights from its Megatron checkpoint, resharded on load; its own process groups), scores
+the same micro-batches with both (student DP ranks hold different sequence widths, so the union is
+padded) and reports, per rank on the student's last stage: the largest difference of every teacher
+signal, the share of top-k ids that differ, the loss and the student's gradients (one backward over
+all micro-batches), and in full mode the teacher logits on the student's vocabulary shards against the
+reference teacher's own output layer. Differences are relative to the largest reference value.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import report  # noqa: E402
+
+TOP_K = 8
+
+
+def batches(dp_rank: int, vocab: int, mbs: int = 2, rows: int = 4):
+    """This student DP rank's micro-batches: different widths per DP rank, a response mask from position 4."""
+    from megatron_eaopd.pipeline import split_micro_batches
+
+    g = torch.Generator().manual_seed(100 + dp_rank)
+    width = 13 + 4 * dp_rank
+    tokens = torch.randint(0, vocab, (rows, width), generator=g)
+    mask = torch.zeros(rows, width - 1, dtype=torch.bool)
+    mask[:, 3:] = True
+    return split_micro_batches(tokens, mask, mbs)
+
+
+def loss_and_grads(model, objective, scores, mbs):
+    """Token-mean loss over the micro-batches (old log-probs = the current policy's, shifted so the ratio
+    is not 1) and the gradients of the student's parameters (this rank's shards)."""
+    model.zero_grad(set_to_none=True)
+    total, tokens = 0.0, 0
+    for mb in mbs:
+        logits = model(mb.inputs, mb.position_ids, None)
+        with torch.no_grad():
+            old = objective.sampled_log_probs(logits, mb.targets) - 0.05
+        loss_sum, n, _ = objective.loss(logits, scores.for_micro_batch(mb), old, mb.loss_mask)
+        total = total + loss_sum
+        tokens += int(n)
+    (total / tokens).backward()
+    return float(total) / tokens, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int) -> None:
+    from megatron.core import parallel_state as ps
+    from megatron_eaopd.checkpoint import load_checkpoint
+    from megatron_eaopd.distributed import init_model_parallel, seed_everything
+    from megatron_eaopd.loss import EOPDConfig, build_objective
+    from megatron_eaopd.models.provider import build_gpt_model
+    from megatron_eaopd.models.sources import resolve_model_source
+    from megatron_eaopd.teacher.build import build_teacher
+
+    init_model_parallel(s_tp, s_pp)
+    seed_everything(3)
+    s_src = resolve_model_source(str(models / "student"), key="student.checkpoint", kinds=("megatron",))
+    (student,), sinfo = build_gpt_model(str(s_src.assets), perform_initialization=False)
+    load_checkpoint(models / "student", [student])
+    vocab = sinfo.true_vocab_size
+    mbs = batches(ps.get_data_parallel_rank(), vocab)
+    ref_src = resolve_model_source(str(models / "hf_teacher"), key="teacher.hf_path", kinds=("hf_dir",))
+    own_src = resolve_model_source(str(models / "teacher"), key="teacher.checkpoint", kinds=("megatron",))
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    case = f"s{s_tp}x{s_pp}_t{t_tp}x{t_pp}"
+    for mode in ("topk", "full"):
+        objective = build_objective(EOPDConfig(mode=mode, top_k=TOP_K, tau=0.5, vocab_size=vocab))
+        kw = dict(params_dtype=torch.float32, student_info=sinfo)
+        ref = build_teacher(ref_src, str(ref_src.assets), objective, tp=s_tp, pp=s_pp, **kw)
+        own = build_teacher(own_src, str(own_src.assets), objective, tp=t_tp, pp=t_pp, **kw)
+        t0 = time.perf_counter()
+        s_ref = ref.score(mbs)
+        t1 = time.perf_counter()
+        s_own = own.score(mbs)
+        t2 = time.perf_counter()
+        rec = dict(check="layout", case=case, mode=mode, same_layout_groups=own.groups.same_layout,
+                   time_ref=t1 - t0, time_own=t2 - t1)
+        if last:
+            errs = {}
+            ids_diff = 0.0
+            logit_err = 0.0
+            for mb in mbs:
+                a, b = s_ref.for_micro_batch(mb), s_own.for_micro_batch(mb)
+                for k in ("target_log_probs", "entropy", "topk_log_probs"):  # relative to the largest value
+                    ra, rb = getattr(a, k), getattr(b, k)
+                    errs[k] = max(errs.get(k, 0.0), float((ra - rb).abs().max() / ra.abs().max().clamp_min(1e-30)))
+                ids_diff = max(ids_diff, float((a.topk_ids != b.topk_ids).float().mean()))
+                if mode == "full":
+                    direct = ref.model_chunks[0](mb.inputs, mb.position_ids, None) if ref.groups.same_layout else None
+                    scale = a.logits.abs().max().clamp_min(1e-30)
+                    logit_err = max(logit_err, float((b.logits - a.logits).abs().max() / scale))
+                    if direct is not None:  # the hidden-state path against the teacher's own output layer
+                        rec["direct_logits_err"] = max(rec.get("direct_logits_err", 0.0),
+                                                       float((a.logits - direct).abs().max() / scale))
+            loss_a, g_a = loss_and_grads(student, objective, s_ref, mbs)
+            loss_b, g_b = loss_and_grads(student, objective, s_own, mbs)
+            scale = max(float(g.abs().max()) for g in g_a.values())
+            rec.update(signal_err=errs, topk_ids_diff=ids_diff, logits_err=logit_err, loss_ref=loss_a, loss=loss_b,
+                       loss_err=abs(loss_a - loss_b) / abs(loss_a),
+                       grad_err=max(float((g_a[k] - g_b[k]).abs().max()) for k in g_a) / scale,
+                       same_grads=sorted(g_a) == sorted(g_b))
+        report(**rec)
+        del ref, own, s_ref, s_own
+    dist.barrier()
+
+
+def main():
+    from megatron_eaopd.distributed import init_distributed
+
+    init_distributed(timeout_s=300)
+    models = Path(sys.argv[1])
+    for case in sys.argv[2:]:
+        run_case(models, *(int(x) for x in case.split(",")))
+
+
+if __name__ == "__main__":
+    main()
