@@ -58,7 +58,6 @@ def test_defaults_are_the_papers():
         (["loss.tau=-0.1"], ["loss.tau", "greater than or equal to 0"]),
         (["train.mini_batches=3"], ["128", "not divisible by train.mini_batches = 3"]),
         (["train.micro_batch_size=5"], ["mini-batch of 32", "train.micro_batch_size = 5"]),
-        (["loss.mode=full", "parallel.teacher_tp=2"], ["loss.mode 'full' needs the teacher in the student's layout"]),
         (["loss.temperature=0.7"], ["loss.temperature (0.7) must equal rollout.temperature (1.0)"]),
         (["parallel.sequence_parallel=maybe"], ["parallel.sequence_parallel: 'maybe' is not one of ['auto', True, False]"]),
         (["parallel.tp=0"], ["parallel.tp", "greater than or equal to 1"]),
