@@ -10,7 +10,9 @@ the same micro-batches with both (student DP ranks hold different sequence width
 padded) and reports, per rank on the student's last stage: the largest difference of every teacher
 signal, the share of top-k ids that differ, the loss and the student's gradients (one backward over
 all micro-batches), and in full mode the teacher logits on the student's vocabulary shards against the
-reference teacher's own output layer. Differences are relative to the largest reference value.
+reference teacher's own output layer. Signal and logit differences are relative to the largest teacher
+logit (the scale of fp32 rounding in a log-softmax: a TP=2 teacher sums its matmuls in another order
+than a TP=1 one); loss and gradient differences to the reference loss and largest gradient.
 """
 
 import sys
@@ -87,28 +89,32 @@ def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int) -> None:
         rec = dict(check="layout", case=case, mode=mode, same_layout_groups=own.groups.same_layout,
                    time_ref=t1 - t0, time_own=t2 - t1)
         if last:
-            errs = {}
+            errs, abs_errs = {}, {}
             ids_diff = 0.0
             logit_err = 0.0
+            # the scale of fp32 rounding in log-probs and entropy: the largest teacher logit (all TP shards)
+            direct = {mb.index: ref.model_chunks[0](mb.inputs, mb.position_ids, None) for mb in mbs}
+            scale = torch.stack([d.abs().max() for d in direct.values()]).max()
+            dist.all_reduce(scale, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
             for mb in mbs:
                 a, b = s_ref.for_micro_batch(mb), s_own.for_micro_batch(mb)
-                for k in ("target_log_probs", "entropy", "topk_log_probs"):  # relative to the largest value
-                    ra, rb = getattr(a, k), getattr(b, k)
-                    errs[k] = max(errs.get(k, 0.0), float((ra - rb).abs().max() / ra.abs().max().clamp_min(1e-30)))
+                for k in ("target_log_probs", "entropy", "topk_log_probs"):
+                    e = float((getattr(a, k) - getattr(b, k)).abs().max())
+                    abs_errs[k] = max(abs_errs.get(k, 0.0), e)
+                    errs[k] = max(errs.get(k, 0.0), e / float(scale))
                 ids_diff = max(ids_diff, float((a.topk_ids != b.topk_ids).float().mean()))
                 if mode == "full":
-                    direct = ref.model_chunks[0](mb.inputs, mb.position_ids, None) if ref.groups.same_layout else None
-                    scale = a.logits.abs().max().clamp_min(1e-30)
                     logit_err = max(logit_err, float((b.logits - a.logits).abs().max() / scale))
-                    if direct is not None:  # the hidden-state path against the teacher's own output layer
-                        rec["direct_logits_err"] = max(rec.get("direct_logits_err", 0.0),
-                                                       float((a.logits - direct).abs().max() / scale))
+                    # the hidden-state path against the teacher's own output layer (same weights, same layout)
+                    rec["direct_logits_err"] = max(rec.get("direct_logits_err", 0.0),
+                                                   float((a.logits - direct[mb.index]).abs().max() / scale))
             loss_a, g_a = loss_and_grads(student, objective, s_ref, mbs)
             loss_b, g_b = loss_and_grads(student, objective, s_own, mbs)
-            scale = max(float(g.abs().max()) for g in g_a.values())
-            rec.update(signal_err=errs, topk_ids_diff=ids_diff, logits_err=logit_err, loss_ref=loss_a, loss=loss_b,
+            g_scale = max(float(g.abs().max()) for g in g_a.values())
+            rec.update(signal_err=errs, signal_abs_err=abs_errs, logit_scale=float(scale), topk_ids_diff=ids_diff,
+                       logits_err=logit_err, loss_ref=loss_a, loss=loss_b,
                        loss_err=abs(loss_a - loss_b) / abs(loss_a),
-                       grad_err=max(float((g_a[k] - g_b[k]).abs().max()) for k in g_a) / scale,
+                       grad_err=max(float((g_a[k] - g_b[k]).abs().max()) for k in g_a) / g_scale,
                        same_grads=sorted(g_a) == sorted(g_b))
         report(**rec)
         del ref, own, s_ref, s_own
