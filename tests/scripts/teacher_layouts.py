@@ -2,7 +2,8 @@
 
     torchrun --nproc-per-node N tests/scripts/teacher_layouts.py MODELS_DIR CASE [CASE ...]
 
-CASE = ``s_tp,s_pp,t_tp,t_pp`` (student TP/PP, teacher TP/PP; DP is what remains of the world). For each
+CASE = ``s_tp,s_pp,t_tp,t_pp[,wide]`` (student TP/PP, teacher TP/PP; DP is what remains of the world;
+``wide``: the teacher with more output rows than the shared tokenizer, from its HF folder). For each
 case and each loss mode (topk, full) this builds the student (weights from its checkpoint), a reference
 teacher in the student's layout (weights from the HF folder, global process groups) and the teacher in
 its own layout (weights from its Megatron checkpoint, resharded on load; its own process groups), scores
@@ -56,7 +57,17 @@ def loss_and_grads(model, objective, scores, mbs):
     return float(total) / tokens, {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int) -> None:
+def gathered(x, vocab: int):
+    """Logits ``[b, s, V_local]`` gathered over the student's TP group, cut to the shared vocabulary."""
+    from megatron.core import parallel_state as ps
+
+    g = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(g))]
+    dist.all_gather(parts, x.contiguous(), group=g)
+    return torch.cat(parts, dim=-1)[..., :vocab]
+
+
+def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int, wide: bool = False) -> None:
     from megatron.core import parallel_state as ps
     from megatron_eaopd.checkpoint import load_checkpoint
     from megatron_eaopd.distributed import init_model_parallel, seed_everything
@@ -72,10 +83,13 @@ def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int) -> None:
     load_checkpoint(models / "student", [student])
     vocab = sinfo.true_vocab_size
     mbs = batches(ps.get_data_parallel_rank(), vocab)
-    ref_src = resolve_model_source(str(models / "hf_teacher"), key="teacher.hf_path", kinds=("hf_dir",))
-    own_src = resolve_model_source(str(models / "teacher"), key="teacher.checkpoint", kinds=("megatron",))
+    if wide:  # 160 more teacher rows than the shared tokenizer: both from the HF folder, compared over 49,152
+        ref_src = own_src = resolve_model_source(str(models / "hf_teacher_wide"), key="teacher.hf_path", kinds=("hf_dir",))
+    else:
+        ref_src = resolve_model_source(str(models / "hf_teacher"), key="teacher.hf_path", kinds=("hf_dir",))
+        own_src = resolve_model_source(str(models / "teacher"), key="teacher.checkpoint", kinds=("megatron",))
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    case = f"s{s_tp}x{s_pp}_t{t_tp}x{t_pp}"
+    case = f"s{s_tp}x{s_pp}_t{t_tp}x{t_pp}" + ("_wide" if wide else "")
     for mode in ("topk", "full"):
         objective = build_objective(EOPDConfig(mode=mode, top_k=TOP_K, tau=0.5, vocab_size=vocab))
         kw = dict(params_dtype=torch.float32, student_info=sinfo)
@@ -103,11 +117,12 @@ def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int) -> None:
                     abs_errs[k] = max(abs_errs.get(k, 0.0), e)
                     errs[k] = max(errs.get(k, 0.0), e / float(scale))
                 ids_diff = max(ids_diff, float((a.topk_ids != b.topk_ids).float().mean()))
+                rec["max_topk_id"] = max(rec.get("max_topk_id", 0), int(b.topk_ids.max()))
                 if mode == "full":
                     logit_err = max(logit_err, float((b.logits - a.logits).abs().max() / scale))
                     # the hidden-state path against the teacher's own output layer (same weights, same layout)
-                    rec["direct_logits_err"] = max(rec.get("direct_logits_err", 0.0),
-                                                   float((a.logits - direct[mb.index]).abs().max() / scale))
+                    rec["direct_logits_err"] = max(rec.get("direct_logits_err", 0.0), float(
+                        (gathered(a.logits, vocab) - gathered(direct[mb.index], vocab)).abs().max() / scale))
             loss_a, g_a = loss_and_grads(student, objective, s_ref, mbs)
             loss_b, g_b = loss_and_grads(student, objective, s_own, mbs)
             g_scale = max(float(g.abs().max()) for g in g_a.values())
@@ -127,7 +142,8 @@ def main():
     init_distributed(timeout_s=300)
     models = Path(sys.argv[1])
     for case in sys.argv[2:]:
-        run_case(models, *(int(x) for x in case.split(",")))
+        wide = case.endswith(",wide")
+        run_case(models, *(int(x) for x in case.removesuffix(",wide").split(",")), wide=wide)
 
 
 if __name__ == "__main__":
