@@ -10,7 +10,7 @@ its own layout (weights from its Megatron checkpoint, resharded on load; its own
 the same micro-batches with both (student DP ranks hold different sequence widths, so the union is
 padded) and reports, per rank on the student's last stage: the largest difference of every teacher
 signal, the share of top-k ids that differ, the loss and the student's gradients (one backward over
-all micro-batches), and in full mode the teacher logits on the student's vocabulary shards against the
+all micro-batches; student PP = 1 only), and in full mode the teacher logits on the student's vocabulary shards against the
 reference teacher's own output layer. Signal and logit differences are relative to the largest teacher
 logit (the scale of fp32 rounding in a log-softmax: a TP=2 teacher sums its matmuls in another order
 than a TP=1 one); loss and gradient differences to the reference loss and largest gradient.
@@ -72,7 +72,7 @@ def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int, wide: boo
     from megatron_eaopd.checkpoint import load_checkpoint
     from megatron_eaopd.distributed import init_model_parallel, seed_everything
     from megatron_eaopd.loss import EOPDConfig, build_objective
-    from megatron_eaopd.models.provider import build_gpt_model
+    from megatron_eaopd.models.provider import build_gpt_model, forward_logits
     from megatron_eaopd.models.sources import resolve_model_source
     from megatron_eaopd.teacher.build import build_teacher
 
@@ -102,14 +102,14 @@ def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int, wide: boo
         t2 = time.perf_counter()
         rec = dict(check="layout", case=case, mode=mode, same_layout_groups=own.groups.same_layout,
                    time_ref=t1 - t0, time_own=t2 - t1)
+        # the reference teacher's own logits (gathered over TP, through its pipeline): the scale of fp32 rounding
+        # in log-probs and entropy is the largest teacher logit
+        direct = {mb.index: forward_logits(ref.model_chunks, mb.inputs, gather=True, trim_vocab=False) for mb in mbs}
         if last:
             errs, abs_errs = {}, {}
             ids_diff = 0.0
             logit_err = 0.0
-            # the scale of fp32 rounding in log-probs and entropy: the largest teacher logit (all TP shards)
-            direct = {mb.index: ref.model_chunks[0](mb.inputs, mb.position_ids, None) for mb in mbs}
             scale = torch.stack([d.abs().max() for d in direct.values()]).max()
-            dist.all_reduce(scale, op=dist.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
             for mb in mbs:
                 a, b = s_ref.for_micro_batch(mb), s_own.for_micro_batch(mb)
                 for k in ("target_log_probs", "entropy", "topk_log_probs"):
@@ -122,15 +122,16 @@ def run_case(models: Path, s_tp: int, s_pp: int, t_tp: int, t_pp: int, wide: boo
                     logit_err = max(logit_err, float((b.logits - a.logits).abs().max() / scale))
                     # the hidden-state path against the teacher's own output layer (same weights, same layout)
                     rec["direct_logits_err"] = max(rec.get("direct_logits_err", 0.0), float(
-                        (gathered(a.logits, vocab) - gathered(direct[mb.index], vocab)).abs().max() / scale))
-            loss_a, g_a = loss_and_grads(student, objective, s_ref, mbs)
-            loss_b, g_b = loss_and_grads(student, objective, s_own, mbs)
-            g_scale = max(float(g.abs().max()) for g in g_a.values())
+                        (gathered(a.logits, vocab) - direct[mb.index][..., :vocab]).abs().max() / scale))
             rec.update(signal_err=errs, signal_abs_err=abs_errs, logit_scale=float(scale), topk_ids_diff=ids_diff,
-                       logits_err=logit_err, loss_ref=loss_a, loss=loss_b,
-                       loss_err=abs(loss_a - loss_b) / abs(loss_a),
-                       grad_err=max(float((g_a[k] - g_b[k]).abs().max()) for k in g_a) / g_scale,
-                       same_grads=sorted(g_a) == sorted(g_b))
+                       logits_err=logit_err)
+            if s_pp == 1:  # the student's loss and gradients by a plain forward/backward (no pipeline schedule)
+                loss_a, g_a = loss_and_grads(student, objective, s_ref, mbs)
+                loss_b, g_b = loss_and_grads(student, objective, s_own, mbs)
+                g_scale = max(float(g.abs().max()) for g in g_a.values())
+                rec.update(loss_ref=loss_a, loss=loss_b, loss_err=abs(loss_a - loss_b) / abs(loss_a),
+                           grad_err=max(float((g_a[k] - g_b[k]).abs().max()) for k in g_a) / g_scale,
+                           same_grads=sorted(g_a) == sorted(g_b))
         report(**rec)
         del ref, own, s_ref, s_own
     dist.barrier()
