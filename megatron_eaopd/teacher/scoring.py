@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_eaopd.distributed import unwrap
@@ -70,8 +71,12 @@ class TeacherScores:
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous host copy of ``t`` (pinned with CUDA, so the copy back is asynchronous)."""
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+    """A contiguous host copy of ``t`` (pinned with CUDA, so the copy back is asynchronous); ``t`` itself when
+    it already is one."""
+    pinned = torch.cuda.is_available()
+    if t.device.type == "cpu" and t.is_contiguous() and (not pinned or t.is_pinned()):
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
     return out.copy_(t, non_blocking=torch.cuda.is_available())
 
 
@@ -95,12 +100,9 @@ class Teacher:
 
     def __init__(self, model_chunks: list, objective: Objective, offload: bool = False, *,
                  groups: TeacherGroups | None = None, student_padded_vocab: int | None = None, seq_multiple: int = 1):
-        from megatron.core import parallel_state as ps
-
         self.model_chunks = model_chunks
         self.objective = objective
-        self.groups = groups if groups is not None else build_teacher_groups(
-            ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size())
+        self._groups = groups
         self.seq_multiple = seq_multiple
         self.offload = offload and torch.cuda.is_available()
         self._host: list[torch.Tensor] = []
@@ -114,6 +116,14 @@ class Teacher:
         if self.offload:
             self._host = [p.detach().to("cpu").pin_memory() for p in self._params()]
             self._release()
+
+    @property
+    def groups(self) -> TeacherGroups:
+        """The teacher's groups (default, built on first use: the student's layout, global process groups)."""
+        if self._groups is None:
+            self._groups = build_teacher_groups(ps.get_tensor_model_parallel_world_size(),
+                                                ps.get_pipeline_model_parallel_world_size())
+        return self._groups
 
     def _output_rows(self, student_padded_vocab: int | None) -> torch.Tensor | None:
         m = unwrap(self.model_chunks[0])
@@ -168,7 +178,7 @@ class Teacher:
         keep = {union.teacher_mb(d, i) for d in plan.kept_dp_ranks(g, g.rank) for i in range(n)} \
             if g.is_last_stage else set()
         payload: dict[int, dict[str, torch.Tensor]] = {}
-        spec: dict = {"hidden": ((unwrap(self.model_chunks[0]).config.hidden_size,), self._dtype)} if full else {}
+        shapes: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
 
         def on_output(tmb: MicroBatch, out: torch.Tensor) -> None:
             if full:
@@ -177,7 +187,7 @@ class Teacher:
                 return
             sig = self.objective.teacher_signals(out, tmb.targets, group=g.tp_group)  # collective over teacher TP
             fields_ = {k: getattr(sig, k) for k in _SIGNAL_FIELDS}
-            spec.setdefault("_", {k: (tuple(v.shape[2:]), v.dtype) for k, v in fields_.items()})
+            shapes.update({k: (tuple(v.shape[2:]), v.dtype) for k, v in fields_.items()})
             if tmb.index in keep:
                 payload[tmb.index] = fields_
 
@@ -190,12 +200,15 @@ class Teacher:
             if self.offload:
                 self._release()
                 torch.cuda.empty_cache()
-        if not full:
-            spec = spec.get("_", {})
-            if plan.remote:  # receivers learn the shapes from the replica's first last-stage rank
-                box = [spec]
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the pinned host copies are read on the host below
+        if full:
+            spec = {"hidden": ((unwrap(self.model_chunks[0]).config.hidden_size,), self._dtype)}
+        else:  # receivers off the teacher's last stage learn the shapes from its first rank
+            box = [shapes]
+            if plan.remote:
                 dist.broadcast_object_list(box, src=g.last_stage_ranks[0], group=g.mp_group)
-                spec = box[0]
+            spec = box[0]
         mine: dict[int, dict[str, torch.Tensor]] = {}
 
         def store(i: int, tensors: dict[str, torch.Tensor]) -> None:
