@@ -216,12 +216,13 @@ class Trainer:
         src = self.sources["teacher"]
         teacher_rows = int(load_hf_config(str(src.assets)).vocab_size)
         try:
-            teacher_vocab = AutoTokenizer.from_pretrained(str(src.assets)).get_vocab()
+            teacher_tok = AutoTokenizer.from_pretrained(str(src.assets))
         except (OSError, ValueError):  # no tokenizer files beside the teacher's weights
-            teacher_vocab = None
+            teacher_tok = None
+        added = set(self.tokenizer.get_added_vocab()) | (set(teacher_tok.get_added_vocab()) if teacher_tok else set())
         return shared_vocab_size(self.student.info.true_vocab_size, teacher_rows, self.tokenizer.get_vocab(),
-                                 teacher_vocab, override=self.cfg.loss.vocab_size,
-                                 names=(f"student ({self.tokenizer_source})", f"teacher ({src.assets})"))
+                                 teacher_tok.get_vocab() if teacher_tok else None, override=self.cfg.loss.vocab_size,
+                                 added=added, names=(f"student ({self.tokenizer_source})", f"teacher ({src.assets})"))
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

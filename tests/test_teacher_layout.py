@@ -69,8 +69,11 @@ def test_shared_vocab_size():
     assert shared_vocab_size(151_936, 151_936, None, None) == 151_936
     assert shared_vocab_size(151_936, 152_064, tok, tok, override=151_000) == 151_000
     other = {**tok, "t5": 7, "t7": 5}
-    with pytest.raises(ConfigError, match="tokenizers differ"):
+    with pytest.raises(ConfigError, match=r"student \(a\) and teacher \(b\) tokenizers differ .*2 regular tokens"):
         shared_vocab_size(151_936, 151_936, tok, other, names=("student (a)", "teacher (b)"))
+    # added / special tokens may be named differently (a base model and its instruct sibling)
+    base, inst = {**tok, "<|reserved_0|>": 151_665}, {**tok, "<think>": 151_665}
+    assert shared_vocab_size(151_936, 152_064, base, inst, added={"<|reserved_0|>", "<think>"}) == 151_666
     with pytest.raises(ConfigError, match="without both tokenizers"):
         shared_vocab_size(151_936, 152_064, tok, None)
     with pytest.raises(ConfigError, match="exceeds"):

@@ -12,12 +12,13 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from megatron_eaopd.checkpoint import load_checkpoint
 from megatron_eaopd.config import ConfigError
+from megatron_eaopd.distributed import print_rank0
 from megatron_eaopd.loss import Objective
 from megatron_eaopd.models.convert import load_hf_weights
 from megatron_eaopd.models.provider import ModelInfo, build_gpt_model
@@ -29,7 +30,7 @@ __all__ = ["shared_vocab_size", "build_teacher"]
 
 def shared_vocab_size(student_rows: int, teacher_rows: int, student_vocab: Mapping[str, int] | None,
                       teacher_vocab: Mapping[str, int] | None, *, override: int | None = None,
-                      names: tuple[str, str] = ("student", "teacher")) -> int:
+                      added: Iterable[str] = (), names: tuple[str, str] = ("student", "teacher")) -> int:
     """The vocabulary size the objective and the sampler use for a student/teacher pair.
 
     Args:
@@ -38,20 +39,32 @@ def shared_vocab_size(student_rows: int, teacher_rows: int, student_vocab: Mappi
         student_vocab, teacher_vocab: each tokenizer's token -> id map (``tokenizer.get_vocab()``,
             added tokens included), or None when a model ships no tokenizer.
         override: ``loss.vocab_size`` from the configuration, if set.
-        names: how the two sources are named in errors (e.g. their paths).
+        added: tokens that may differ between the two maps (the tokenizers' added / special tokens:
+            a base model and its instruct sibling may name a few reserved ids differently); a
+            difference there is reported, not refused.
+        names: how the two sources are named in messages (e.g. their paths).
     Returns:
-        ``override`` if given, else ``student_rows`` when the widths are equal, else the tokenizer's size
-        (``max id + 1``).
+        ``override`` if given, else ``student_rows`` when the widths are equal, else the student
+        tokenizer's size (``max id + 1``).
     Raises:
-        ConfigError: the tokenizers map tokens to different ids; the widths differ and a tokenizer is
-            missing (the pair cannot be checked); the shared vocabulary does not fit both models' rows.
+        ConfigError: the tokenizers map regular tokens to different ids; the widths differ and a
+            tokenizer is missing (the pair cannot be checked); the shared vocabulary does not fit both
+            models' rows.
     """
-    if student_vocab is not None and teacher_vocab is not None and dict(student_vocab) != dict(teacher_vocab):
-        diff = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda kv: kv[1])[:3]
-        raise ConfigError(
-            f"config error at teacher: the {names[0]} and {names[1]} tokenizers differ ({len(student_vocab)} vs "
-            f"{len(teacher_vocab)} tokens; e.g. {diff}); EOPD compares the two next-token distributions id by id, "
-            f"so the teacher must use the student's tokenizer")
+    if student_vocab is not None and teacher_vocab is not None:
+        diff = sorted((k for k in set(student_vocab) | set(teacher_vocab) if student_vocab.get(k) != teacher_vocab.get(k)),
+                      key=lambda k: (student_vocab.get(k, -1), k))
+        regular = [k for k in diff if k not in set(added)]
+        show = lambda ks: ", ".join(f"{k!r}: {student_vocab.get(k)} vs {teacher_vocab.get(k)}" for k in ks[:3])  # noqa: E731
+        if regular:
+            raise ConfigError(
+                f"config error at teacher: the {names[0]} and {names[1]} tokenizers differ ({len(student_vocab)} vs "
+                f"{len(teacher_vocab)} tokens; {len(regular)} regular tokens map to other ids, e.g. {show(regular)}); "
+                f"EOPD compares the two next-token distributions id by id, so the teacher must use the student's "
+                f"tokenizer")
+        if diff:
+            print_rank0(f"[eopd] note: the {names[0]} and {names[1]} tokenizers differ in {len(diff)} added/special "
+                        f"token(s) ({show(diff)}); their regular tokens agree")
     if override is None and student_rows == teacher_rows:
         return int(student_rows)
     if override is None and (student_vocab is None or teacher_vocab is None):

@@ -43,6 +43,7 @@ class Union:
         micro_batches: the teacher's micro-batches over the union (``micro_batch_size`` rows each, block
             by block: micro-batch ``i`` of block ``j`` is teacher micro-batch ``j * rows / mbs + i``).
         micro_batch_size: rows per micro-batch.
+        bytes_received: token bytes this rank received to build it (0 when it is the rank's own batch).
     """
 
     dp_ranks: tuple[int, ...]
@@ -50,6 +51,7 @@ class Union:
     widths: dict[int, int]
     micro_batches: list[MicroBatch]
     micro_batch_size: int
+    bytes_received: int = 0
 
     def teacher_mb(self, dp_rank: int, i: int) -> int:
         """Index of the teacher micro-batch that holds micro-batch ``i`` of student DP rank ``dp_rank``."""
@@ -113,7 +115,8 @@ def gather_union(groups: TeacherGroups, micro_batches: list[MicroBatch], plan: "
     union = torch.cat(blocks)
     mask = torch.zeros(union.shape[0], wu, dtype=torch.bool)
     tmbs = split_micro_batches(union, mask, mbs, micro_batches[0].inputs.device)
-    return Union(order, rows, {d: first[d][0] for d in order}, tmbs, mbs)
+    got = sum(t.numel() * t.element_size() for t in allt) - mine.numel() * mine.element_size()
+    return Union(order, rows, {d: first[d][0] for d in order}, tmbs, mbs, got)
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def route_plan(groups: TeacherGroups) -> RoutePlan:
 
 def route_to_owners(groups: TeacherGroups, plan: RoutePlan, union: Union, payload: Mapping[int, Mapping[str, torch.Tensor]],
                     spec: Mapping[str, tuple[tuple[int, ...], torch.dtype]], num_micro_batches: int,
-                    store: Callable[[int, dict[str, torch.Tensor]], None]) -> None:
+                    store: Callable[[int, dict[str, torch.Tensor]], None]) -> tuple[int, int]:
     """Hand each receiving member its rows of the teacher's per-row results, one micro-batch per round.
 
     Args:
@@ -166,9 +169,12 @@ def route_to_owners(groups: TeacherGroups, plan: RoutePlan, union: Union, payloa
         num_micro_batches: micro-batches per student DP rank.
         store: called on a receiving rank as ``store(i, {name: [mb, W_own, *trailing]})`` for its
             micro-batch ``i`` (tensors on the collective device, or host views when local).
+    Returns:
+        ``(bytes sent, bytes received)`` by this rank.
     """
     rank = groups.rank
     dev = collective_device()
+    sent = got = 0
     for i in range(num_micro_batches):
         ops, received = [], {}
         for dst, src in sorted(plan.sources.items()):
@@ -183,21 +189,24 @@ def route_to_owners(groups: TeacherGroups, plan: RoutePlan, union: Union, payloa
                 if rank == src:
                     t = payload[union.teacher_mb(d, i)][name][:, :w].to(dev).contiguous()
                     ops.append(dist.P2POp(dist.isend, t, dst))
+                    sent += t.numel() * t.element_size()
                 else:
                     buf = torch.empty((union.micro_batch_size, w, *trailing), dtype=dtype, device=dev)
                     received[name] = buf
                     ops.append(dist.P2POp(dist.irecv, buf, src))
+                    got += buf.numel() * buf.element_size()
         if ops:
             for req in dist.batch_isend_irecv(ops):
                 req.wait()
         if received:
             store(i, received)
+    return sent, got
 
 
 @torch.no_grad()
 def output_rows_for_student_shard(groups: TeacherGroups, weight: torch.Tensor | None, teacher_padded_vocab: int,
                                   student_padded_vocab: int, hidden: int, dtype: torch.dtype,
-                                  chunk_rows: int = 16384, reuse: bool = True) -> torch.Tensor | None:
+                                  chunk_rows: int = 16384, reuse: bool = True) -> tuple[torch.Tensor | None, int]:
     """The teacher output-layer rows of this rank's student vocabulary shard (collective within the replica).
 
     The student's TP rank ``j`` holds vocabulary rows ``[j * V_s / TP_s, (j + 1) * V_s / TP_s)`` of its
@@ -215,7 +224,7 @@ def output_rows_for_student_shard(groups: TeacherGroups, weight: torch.Tensor | 
         chunk_rows: rows per message.
         reuse: return ``weight`` itself when it is exactly the rows needed (same layout, not offloaded).
     Returns:
-        ``[V_s / TP_s, H]`` on the collective device on the student's last stage; None elsewhere.
+        ``([V_s / TP_s, H] on the collective device on the student's last stage, else None; bytes received)``.
     """
     s_tp, t_tp = groups.student.tp, groups.teacher.tp
     vs, vt = student_padded_vocab // s_tp, teacher_padded_vocab // t_tp
@@ -236,6 +245,7 @@ def output_rows_for_student_shard(groups: TeacherGroups, weight: torch.Tensor | 
             lo, hi = max(a, t * vt), min(a + vs, (t + 1) * vt)
             for c in range(lo, hi, chunk_rows):
                 pieces.append((src, dst, c, min(c + chunk_rows, hi), a, t * vt))
+    got = 0
     for src, dst, lo, hi, a, t0 in pieces:
         if rank == src == dst:
             if not reused:
@@ -244,4 +254,5 @@ def output_rows_for_student_shard(groups: TeacherGroups, weight: torch.Tensor | 
             dist.isend(weight[lo - t0:hi - t0].to(dev).contiguous(), dst).wait()
         elif rank == dst:
             dist.irecv(out[lo - a:hi - a], src).wait()
-    return out
+            got += (hi - lo) * hidden * out.element_size()
+    return out, got

@@ -25,6 +25,7 @@ non-blocking copy from pinned memory.
 
 from __future__ import annotations
 
+import time
 from dataclasses import fields
 from typing import Callable
 
@@ -107,12 +108,14 @@ class Teacher:
         self.offload = offload and torch.cuda.is_available()
         self._host: list[torch.Tensor] = []
         self.head: torch.Tensor | None = None
+        self.head_bytes_received = 0
+        self.stats: dict[str, float] = {}
         for m in model_chunks:
             m.eval()
             for p in m.parameters():
                 p.requires_grad_(False)
         if objective.teacher_payload == "logits" and model_chunks:
-            self.head = self._output_rows(student_padded_vocab)
+            self.head, self.head_bytes_received = self._output_rows(student_padded_vocab)
         if self.offload:
             self._host = [p.detach().to("cpu").pin_memory() for p in self._params()]
             self._release()
@@ -125,7 +128,7 @@ class Teacher:
                                                 ps.get_pipeline_model_parallel_world_size())
         return self._groups
 
-    def _output_rows(self, student_padded_vocab: int | None) -> torch.Tensor | None:
+    def _output_rows(self, student_padded_vocab: int | None) -> tuple[torch.Tensor | None, int]:
         m = unwrap(self.model_chunks[0])
         weight = None
         if self.groups.is_last_stage:
@@ -171,8 +174,12 @@ class Teacher:
         """
         g, full = self.groups, self.objective.teacher_payload == "logits"
         plan = route_plan(g)
+        self.stats = {"union_rows": 0.0, "union_tokens": 0.0, "token_bytes_received": 0.0, "payload_bytes_sent": 0.0,
+                      "payload_bytes_received": 0.0, "payload_host_bytes": 0.0, "time_forward": 0.0,
+                      "time_exchange": 0.0}
         if not plan.sources:  # no member of this replica computes the student's loss: nothing to score
             return TeacherScores(signals={})
+        t0 = time.perf_counter()
         union = gather_union(g, micro_batches, plan, seq_multiple=self.seq_multiple)
         n = len(micro_batches)
         keep = {union.teacher_mb(d, i) for d in plan.kept_dp_ranks(g, g.rank) for i in range(n)} \
@@ -191,6 +198,7 @@ class Teacher:
             if tmb.index in keep:
                 payload[tmb.index] = fields_
 
+        t1 = time.perf_counter()
         if self.offload:
             self._acquire()
         try:
@@ -202,6 +210,7 @@ class Teacher:
                 torch.cuda.empty_cache()
         if torch.cuda.is_available():
             torch.cuda.current_stream().synchronize()  # the pinned host copies are read on the host below
+        t2 = time.perf_counter()
         if full:
             spec = {"hidden": ((unwrap(self.model_chunks[0]).config.hidden_size,), self._dtype)}
         else:  # receivers off the teacher's last stage learn the shapes from its first rank
@@ -214,8 +223,15 @@ class Teacher:
         def store(i: int, tensors: dict[str, torch.Tensor]) -> None:
             mine[i] = {k: _host(v) for k, v in tensors.items()} if full else tensors
 
-        route_to_owners(g, plan, union, payload, spec, n, store)
+        sent, got = route_to_owners(g, plan, union, payload, spec, n, store)
         del payload
+        tokens = sum(mb.inputs.numel() for mb in union.micro_batches)
+        self.stats.update(union_rows=float(len(union.micro_batches) * union.micro_batch_size), union_tokens=float(tokens),
+                          token_bytes_received=float(union.bytes_received), payload_bytes_sent=float(sent),
+                          payload_bytes_received=float(got), time_forward=t2 - t1,
+                          time_exchange=(t1 - t0) + (time.perf_counter() - t2),
+                          payload_host_bytes=float(sum(t.numel() * t.element_size() for d in mine.values()
+                                                       for t in d.values())) if full else 0.0)
         if full:
             hidden = {mb.index: mine[i]["hidden"] for i, mb in enumerate(micro_batches) if i in mine}
             return TeacherScores(compute=lambda mb: self.objective.teacher_signals(self._logits(hidden[mb.index]),
