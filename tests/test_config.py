@@ -171,13 +171,18 @@ def test_every_recipe_validates(recipe):
         assert c.student.dtype == "fp32" and c.total_iterations() <= 20 and c.rollout.max_new_tokens <= 64
         assert lay.global_batch == 4 and c.data.problem_field == "question"
     else:
-        lay = c.resolve_runtime(world_size=8, cuda=True)  # one node of 8 GPUs
+        large = recipe.stem.endswith("_32b")  # a Qwen3-32B teacher in its own layout on 2 nodes of 8 GPUs
+        lay = c.resolve_runtime(world_size=16 if large else 8, cuda=True)
         assert lay.global_batch == 128 and lay.mini_batch == 32
         assert (c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens) == (1.0, 1.0, 4096)
-        assert c.optimizer.lr == 3e-6 and c.teacher.hf_path == "Qwen/Qwen3-8B"
+        assert c.optimizer.lr == 3e-6 and c.teacher.hf_path == ("Qwen/Qwen3-32B" if large else "Qwen/Qwen3-8B")
         assert c.loss.alpha == (0.0 if recipe.stem.endswith("_opd") else 1.0)
+        if large:
+            assert (lay.tp, lay.dp, lay.teacher_tp, lay.teacher_pp, lay.teacher_dp) == (1, 16, 4, 1, 4)
+            assert lay.micro_batches_per_step == 2 and lay.teacher_sequence_parallel
 
 
 def test_recipes_present():
     names = {p.name for p in RECIPES}
-    assert {"qwen3_0.6b.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "qwen3_4b_opd.yaml", "demo_cpu.yaml"} <= names
+    assert {"qwen3_0.6b.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "qwen3_4b_opd.yaml", "demo_cpu.yaml",
+            "qwen3_1.7b_32b.yaml"} <= names

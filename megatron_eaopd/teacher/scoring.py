@@ -96,6 +96,16 @@ class Teacher:
             output layer is re-cut into); default: the teacher's own.
         seq_multiple: the teacher's input width is padded to a multiple of this (its TP under sequence
             parallelism) when it scores other ranks' sequences.
+    Attributes:
+        groups: the :class:`~megatron_eaopd.teacher.groups.TeacherGroups` in use.
+        head: payload ``"logits"``, on the student's last stage: ``[V_s / TP_s, H]`` the teacher's output
+            rows of this rank's student vocabulary shard (the teacher's own weight when it is exactly
+            that, else a copy; the embedding when tied). head_bytes_received: what building it received.
+        stats: of the last :meth:`score` on this rank: ``union_rows`` / ``union_tokens`` (what its replica
+            scored), ``token_bytes_received`` (union gather), ``payload_bytes_sent`` /
+            ``payload_bytes_received`` (signals or hidden states routed to owners),
+            ``payload_host_bytes`` (hidden states held on the host for the update), ``time_forward`` /
+            ``time_exchange`` (seconds).
     Collective (payload ``"logits"``): construction moves the output-layer rows within each replica.
     """
 
