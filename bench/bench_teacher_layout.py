@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -204,8 +205,11 @@ def main(argv=None) -> int:
         _write_models(Path(tmp))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
         env.pop("MASTER_PORT", None)
+        with socket.socket() as sock:  # a free port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc}", "--master-addr=127.0.0.1",
-               "--master-port=0", str(Path(__file__).resolve()), "--worker", tmp, "--reps", str(a.reps)]
+               f"--master-port={port}", str(Path(__file__).resolve()), "--worker", tmp, "--reps", str(a.reps)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             print(proc.stdout[-3000:] + proc.stderr[-6000:], file=sys.stderr)
