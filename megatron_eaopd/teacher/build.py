@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import torch
 
 from megatron_eaopd.checkpoint import load_checkpoint
-from megatron_eaopd.config import ConfigError
+from megatron_eaopd.settings import ConfigError
 from megatron_eaopd.distributed import print_rank0
 from megatron_eaopd.loss import Objective
 from megatron_eaopd.models.convert import load_hf_weights
