@@ -73,8 +73,9 @@ def eopd_loss_sums(
         raise ValueError(f"student_logits must be [B, S, V_local], got shape {tuple(student_logits.shape)}")
     bs = tuple(student_logits.shape[:2])
     for name, t in (("old_log_probs", old_log_probs), ("loss_mask", loss_mask), ("sig.target_ids", sig.target_ids),
-                    ("sig.target_log_probs", sig.target_log_probs), ("sig.entropy", sig.entropy)):
-        if tuple(t.shape) != bs:
+                    ("sig.target_log_probs", sig.target_log_probs), ("sig.entropy", sig.entropy),
+                    ("sig.rest_log_prob", sig.rest_log_prob)):
+        if t is not None and tuple(t.shape) != bs:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [B, S] = {bs} like student_logits")
     k = sig.topk_ids.shape[-1]
     if tuple(sig.topk_ids.shape) != (*bs, k) or tuple(sig.topk_log_probs.shape) != (*bs, k):
@@ -92,6 +93,8 @@ def eopd_loss_sums(
     _check_finite("sig.target_log_probs", sig.target_log_probs, valid)
     _check_finite("sig.entropy", sig.entropy, valid)
     _check_finite("sig.topk_log_probs", sig.topk_log_probs, valid.unsqueeze(-1))
+    if sig.rest_log_prob is not None:
+        _check_finite("sig.rest_log_prob", sig.rest_log_prob, valid)
 
     ids = torch.cat([sig.target_ids.unsqueeze(-1).long(), sig.topk_ids.long()], dim=-1)  # [B, S, 1 + k]
     kw = dict(group=group, vocab_size=cfg.vocab_size, temperature=cfg.temperature, chunk_size=chunk_size)
@@ -102,13 +105,15 @@ def eopd_loss_sums(
     t_ent = torch.where(valid, sig.entropy.float(), zero)
     gate = torch.where(valid, GATES[cfg.gate](t_ent, cfg), zero)
     t_topk = torch.where(valid.unsqueeze(-1), sig.topk_log_probs.float(), zero)
+    t_rest = None if sig.rest_log_prob is None else \
+        torch.where(valid, sig.rest_log_prob.float(), float("-inf")).reshape(-1)  # masked: no rest, like t_topk = 0
 
     if cfg.mode == "topk":
         s_lp, s_ent = vocab_parallel_log_probs_and_entropy(student_logits, ids, **kw)
         lp = torch.where(valid, s_lp[..., 0], zero)
         s_topk = torch.where(valid.unsqueeze(-1), s_lp[..., 1:], zero)
         # the baseline's reverse KL, KL(pi_theta || pi_T) on K_t + rest: a function of s_t only (not of y_t)
-        kl_base = topk_reverse_kl(t_topk.reshape(-1, k), s_topk.detach().reshape(-1, k)).view(bs).float()
+        kl_base = topk_reverse_kl(t_topk.reshape(-1, k), s_topk.detach().reshape(-1, k), t_rest).view(bs).float()
         kl_base = torch.where(valid, kl_base, zero)
         adv = (t_lp_target - old + (kl_base if cfg.rkl_baseline == "kl" else 0.0)).detach()
         ratio = torch.exp(lp - old)
@@ -117,7 +122,8 @@ def eopd_loss_sums(
         l_rkl = torch.maximum(unclipped, clipped)
         clip_frac_tok = (clipped > unclipped).float()
         with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.alpha > 0):
-            l_fkl = topk_forward_kl(t_topk.reshape(-1, k), s_topk.reshape(-1, k), cfg.fkl_support).view(bs).float()
+            l_fkl = topk_forward_kl(t_topk.reshape(-1, k), s_topk.reshape(-1, k), cfg.fkl_support,
+                                    t_rest).view(bs).float()
         s_lp_ids = s_lp.detach()
     else:
         if sig.logits is None:

@@ -30,6 +30,11 @@ class TeacherSignals:
         topk_ids: ``[B, S, k]`` int64 global ids of the teacher's top-k tokens.
         topk_log_probs: ``[B, S, k]`` fp32 teacher log-probs at ``topk_ids`` (full-vocab normalised).
         logits: ``[B, S, V_local]`` teacher logits on the student's vocab shards (``mode="full"`` only).
+        rest_log_prob: ``[B, S]`` fp32 log of the teacher's probability mass outside ``topk_ids`` (nats;
+            ``-inf`` when the top-k holds all of it), summed over those entries directly, so it stays
+            accurate when the top-k holds nearly all the mass (the rest bucket of ``fkl_support="tail"``
+            and of ``rkl_baseline="kl"``). None: derived from ``topk_log_probs`` (``log(1 - sum exp)``,
+            whose fp32 rounding is ~1e-7 in absolute mass).
     """
 
     target_ids: torch.Tensor
@@ -38,6 +43,7 @@ class TeacherSignals:
     topk_ids: torch.Tensor
     topk_log_probs: torch.Tensor
     logits: torch.Tensor | None = None
+    rest_log_prob: torch.Tensor | None = None
 
     def to(self, device) -> "TeacherSignals":
         """Copy every tensor to ``device`` (e.g. to host memory between phases)."""
@@ -57,7 +63,8 @@ def teacher_signals(
     """Teacher target log-prob, full-vocab entropy and global top-k from vocab-parallel logits (no grad).
 
     One chunked pass over the teacher logits: a MAX all-reduce, one SUM all-reduce of (sum exp,
-    sum p*z, logit at the target) and an all-gather of the local top-k per chunk.
+    sum p*z, logit at the target, mass outside the top-k and ties at its k-th value) and an
+    all-gather of the local top-k per chunk.
 
     Args:
         teacher_logits: ``[B, S, V_local]`` (any float dtype), Megatron vocab-parallel layout.
@@ -83,7 +90,7 @@ def teacher_signals(
     _check_same_shards(sh, teacher_logits)
     check_target_ids(target_ids, true_v)
     with torch.no_grad():
-        _, log_s, ent, gathered, (tv, ti), _ = _stats_forward(
+        _, log_s, ent, gathered, (tv, ti, rest), _ = _stats_forward(
             sh, _rows(teacher_logits), target_ids.reshape(-1, 1).long(), "teacher_logits", topk=cfg.top_k,
             shape=tuple(teacher_logits.shape),
         )
@@ -96,6 +103,7 @@ def teacher_signals(
         topk_ids=ti.view(b, s, cfg.top_k),
         topk_log_probs=(tv - log_s.unsqueeze(1)).view(b, s, cfg.top_k),
         logits=teacher_logits.detach() if keep else None,
+        rest_log_prob=rest.view(b, s),
     )
 
 

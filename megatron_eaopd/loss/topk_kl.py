@@ -36,13 +36,17 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def _buckets(t: torch.Tensor, s: torch.Tensor):
+def _buckets(t: torch.Tensor, s: torch.Tensor, t_rest: torch.Tensor | None):
     """The k + 1 buckets: ``(lq, lp, keep)``, each ``[N, k + 1]`` (teacher log-probs with 0 at dropped
     slots, student log-probs with 0 at dropped slots, and which slots exist; the rest bucket always
-    does). Rest masses are exact logs of ``1 - sum``; nothing is floored here."""
+    does). The teacher's rest is ``t_rest`` when given, else ``log(1 - sum)`` of its top-k, like the
+    student's; nothing is floored here."""
     valid = torch.isfinite(t)
     s_in = torch.where(valid, s, float("-inf"))
-    lq_rest = log1mexp(torch.logsumexp(t, dim=-1, keepdim=True))
+    if t_rest is not None:
+        lq_rest = t_rest.double().reshape(-1, 1)
+    else:
+        lq_rest = log1mexp(torch.logsumexp(t, dim=-1, keepdim=True))
     lp_rest = log1mexp(torch.logsumexp(s_in, dim=-1, keepdim=True))
     lq = torch.cat([torch.where(valid, t, 0.0), lq_rest], dim=-1)
     lp = torch.cat([torch.where(valid, s, 0.0), lp_rest], dim=-1)
@@ -50,7 +54,8 @@ def _buckets(t: torch.Tensor, s: torch.Tensor):
     return lq, lp, keep
 
 
-def topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> torch.Tensor:
+def topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str,
+                    t_rest: torch.Tensor | None = None) -> torch.Tensor:
     """Forward KL of the teacher against the student on the teacher's top-k (paper Eq. 10).
 
     Args:
@@ -58,6 +63,8 @@ def topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> tor
         s_lp: ``[N, k]`` student full-vocab log-probs at K_t (differentiable).
         support: ``renormalize`` (q = teacher softmax over K_t) | ``raw`` (q = teacher probabilities) |
             ``tail`` (K_t plus the rest bucket on both sides).
+        t_rest: optional ``[N]`` log of the teacher's mass outside K_t (``TeacherSignals.rest_log_prob``;
+            ``tail`` only); None derives it from ``t_lp``.
     Returns:
         ``[N]`` float64 l_fkl, differentiable w.r.t. ``s_lp``. ``tail`` is computed as
         ``sum_i q_i (e^d_i - 1 - d_i)`` with ``d_i = log p_i - log q_i`` over the k + 1 buckets, each
@@ -73,7 +80,7 @@ def topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> tor
         return torch.where(finite, lq.exp() * (torch.where(finite, lq, 0.0) - s), 0.0).sum(-1)
     if support != "tail":
         raise ValueError(f"fkl_support must be 'renormalize', 'raw' or 'tail', got {support!r}")
-    lq, lp, keep = _buckets(t, s)
+    lq, lp, keep = _buckets(t, s, t_rest)
     last = torch.zeros_like(keep)
     last[:, -1] = True
     lp = torch.where(last, lp.clamp(min=math.log(TAIL_FLOOR)), lp)
@@ -85,7 +92,7 @@ def topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> tor
 
 
 @torch.no_grad()
-def topk_reverse_kl(t_lp: torch.Tensor, s_lp: torch.Tensor) -> torch.Tensor:
+def topk_reverse_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, t_rest: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(student || teacher)`` over the teacher's top-k ids plus the rest bucket (no gradient).
 
     The top-k estimate of the per-token reverse KL that ``EOPDConfig.rkl_baseline="kl"`` adds back to
@@ -95,13 +102,16 @@ def topk_reverse_kl(t_lp: torch.Tensor, s_lp: torch.Tensor) -> torch.Tensor:
     Args:
         t_lp: ``[N, k]`` teacher log-probs at K_t (full-vocab normalised; ``-inf`` allowed).
         s_lp: ``[N, k]`` student full-vocab log-probs at K_t.
+        t_rest: optional ``[N]`` log of the teacher's mass outside K_t (``TeacherSignals.rest_log_prob``:
+            exact where the top-k holds nearly all the mass, where ``log(1 - sum exp(t_lp))`` in fp32 is
+            not); None derives it from ``t_lp``.
     Returns:
         ``[N]`` float64, ``sum_b p_b (log p_b - log q_b)`` over the k + 1 buckets (p student, q
         teacher; ``0 log 0 = 0``); finite: the teacher's rest mass, a denominator here, is floored at
         :data:`TAIL_FLOOR`. At most the full-vocabulary KL (data processing); equal to it when K_t
         holds every id the two distributions give mass to.
     """
-    lq, lp, keep = _buckets(t_lp.double(), s_lp.double())
+    lq, lp, keep = _buckets(t_lp.double(), s_lp.double(), t_rest)
     lq = torch.cat([lq[:, :-1], lq[:, -1:].clamp(min=math.log(TAIL_FLOOR))], dim=-1)
     p_pos = keep & torch.isfinite(lp)
     return torch.where(p_pos, lp.exp() * (torch.where(p_pos, lp, 0.0) - lq), 0.0).sum(-1)

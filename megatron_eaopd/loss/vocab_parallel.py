@@ -236,9 +236,11 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
     """One chunked pass over ``x [N, V_local]``.
 
     Returns fp32 ``m [N]`` (global max of z = x/T), ``log_s [N]`` (log sum exp(z - m)), ``ent [N]``
-    (nats), ``gathered [N, k]`` (z - m at global ids, or None), ``(top_vals, top_ids)`` of z - m
-    (each ``[N, topk]``, or None) and the per-chunk safe-path flags.
-    Per chunk: one MAX all-reduce ``[n]`` and one SUM all-reduce ``[n, 2 + k]``.
+    (nats), ``gathered [N, k]`` (z - m at global ids, or None), ``(top_vals, top_ids, rest_log_prob)``
+    (top-k of z - m, each ``[N, topk]``, and ``[N]`` the log of the probability mass outside the top-k,
+    summed directly over the other entries so that it stays exact when the top-k holds nearly all of
+    it; or three None) and the per-chunk safe-path flags.
+    Per chunk: one MAX all-reduce ``[n]`` and one SUM all-reduce ``[n, 2 + k]`` (``+ 2`` with topk).
     """
     n_rows = x.shape[0]
     dev = x.device
@@ -249,6 +251,7 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
     gathered = torch.empty(n_rows, k, dtype=torch.float32, device=dev) if k else None
     top_v = torch.empty(n_rows, topk, dtype=torch.float32, device=dev) if topk else None
     top_i = torch.empty(n_rows, topk, dtype=torch.int64, device=dev) if topk else None
+    rest = torch.empty(n_rows, dtype=torch.float32, device=dev) if topk else None
     bad: list = []
     zero = torch.zeros((), device=dev)
 
@@ -275,8 +278,14 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
         if k:
             loc, own = _local_ids(sh, ids[r0:r1])
             parts.append(torch.where(own, z.gather(1, loc), zero))
-        # in-place product, then torch's cascade sum (a BLAS dot over 151,936 fp32 terms loses ~2e-4)
         e = torch.exp(z)
+        if topk:
+            # mass outside the global top-k: entries below its k-th value, plus the entries tied with that
+            # value that the top-k did not take (tie counts all-reduced, those in the top-k known everywhere)
+            thr = v2[:, -1:]
+            parts += [torch.where(z < thr, e, zero).sum(dim=-1, keepdim=True),
+                      (z == thr).sum(dim=-1, keepdim=True, dtype=torch.float32)]
+        # in-place product, then torch's cascade sum (a BLAS dot over 151,936 fp32 terms loses ~2e-4)
         parts = [e.sum(dim=-1, keepdim=True), z.mul_(e).sum(dim=-1, keepdim=True)] + parts
         del e, z
         red = sh.all_reduce(torch.cat(parts, dim=1))
@@ -285,7 +294,10 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
         log_s[r0:r1] = torch.log(s)
         ent[r0:r1] = log_s[r0:r1] - red[:, 1] / s
         if k:
-            gathered[r0:r1] = red[:, 2:]
+            gathered[r0:r1] = red[:, 2:2 + k]
+        if topk:
+            ties = (red[:, 3 + k] - (v2 == thr).sum(dim=-1)).clamp(min=0)
+            rest[r0:r1] = torch.log(red[:, 2 + k] + ties * torch.exp(thr[:, 0])) - log_s[r0:r1]
         return torch.isnan(red[:, 1]).any()
 
     safe = _two_phase(sh, n_rows, run_chunk)
@@ -298,7 +310,7 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
         empty = top_v <= _FILL / 2
         top_v.masked_fill_(empty, float("-inf"))
         top_i.masked_fill_(empty, 0)
-    return m_all, log_s, ent, gathered, (top_v, top_i), safe
+    return m_all, log_s, ent, gathered, (top_v, top_i, rest), safe
 
 
 def _write_grad(sh: _Shard, grad: torch.Tensor, r0: int, r1: int, g: torch.Tensor) -> None:
@@ -599,7 +611,8 @@ def vocab_parallel_topk(
         raise ValueError(f"k must be an integer in [1, vocab_size={true_v}], got {k!r}")
     _check_same_shards(sh, logits)
     with torch.no_grad():
-        _, log_s, _, _, (tv, ti), _ = _stats_forward(sh, _rows(logits), None, "logits", topk=k, shape=tuple(logits.shape))
+        _, log_s, _, _, (tv, ti, _), _ = _stats_forward(sh, _rows(logits), None, "logits", topk=k,
+                                                        shape=tuple(logits.shape))
     lead = logits.shape[:-1]
     return (tv - log_s.unsqueeze(1)).view(*lead, k), ti.view(*lead, k)
 
