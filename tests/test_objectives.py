@@ -6,7 +6,8 @@ at TP = 1 in-process and TP = 2 / 4 under torchrun (tests/scripts/objectives_tp.
 invariance of the quantile with the world as the DP group). Tolerances: values 1e-6 relative; fp32
 gradients 2e-6 relative to their largest entry (the sigmoid gate multiplies the fp32 entropy's ~1e-7
 error by its slope 1 / (4 s)); bf16 gradients 5e-3 (bf16 unit roundoff 3.9e-3); reduced metrics 2e-5
-absolute (the advantage variance is E[A^2] - E[A]^2 of fp32 log-probs down to -40 nats).
+absolute (the advantage variance is E[A^2] - E[A]^2 of fp32 log-probs down to -40 nats); the
+teacher's rest mass (``rest_log_prob``) 1e-6 relative in log space, down to masses of 1e-17.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def test_tp1_variants_against_fp64_reference(dtype):
     import objectives_tp
 
     recs = [dict(dtype=str(dtype), **r) for r in objectives_tp.run_checks(0, 1, dtype)]
-    assert len(recs) == len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS))
+    assert len(recs) == len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS)) + 2  # + 2 rest-mass checks
     _assert_records(recs)
 
 
@@ -68,7 +69,7 @@ def test_variants_tensor_and_data_parallel(torchrun, tp):
     import objectives_tp
 
     results = torchrun("objectives_tp.py", tp)
-    n_variant = len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS))
+    n_variant = len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS)) + 2
     for rank, recs in results.items():
         assert len(recs) == 2 * n_variant + 2, (rank, len(recs))  # fp32 + bf16 variants, 2 DP checks
         _assert_records(recs)

@@ -63,8 +63,7 @@ def teacher_signals(
     """Teacher target log-prob, full-vocab entropy and global top-k from vocab-parallel logits (no grad).
 
     One chunked pass over the teacher logits: a MAX all-reduce, one SUM all-reduce of (sum exp,
-    sum p*z, logit at the target, mass outside the top-k and ties at its k-th value) and an
-    all-gather of the local top-k per chunk.
+    sum p*z, logit at the target, mass outside the top-k) and an all-gather of the local top-k per chunk.
 
     Args:
         teacher_logits: ``[B, S, V_local]`` (any float dtype), Megatron vocab-parallel layout.

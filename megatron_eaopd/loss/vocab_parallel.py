@@ -240,7 +240,7 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
     (top-k of z - m, each ``[N, topk]``, and ``[N]`` the log of the probability mass outside the top-k,
     summed directly over the other entries so that it stays exact when the top-k holds nearly all of
     it; or three None) and the per-chunk safe-path flags.
-    Per chunk: one MAX all-reduce ``[n]`` and one SUM all-reduce ``[n, 2 + k]`` (``+ 2`` with topk).
+    Per chunk: one MAX all-reduce ``[n]`` and one SUM all-reduce ``[n, 2 + k]`` (``+ 1`` with topk).
     """
     n_rows = x.shape[0]
     dev = x.device
@@ -280,13 +280,20 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
             parts.append(torch.where(own, z.gather(1, loc), zero))
         e = torch.exp(z)
         if topk:
-            # mass outside the global top-k: entries below its k-th value, plus the entries tied with that
-            # value that the top-k did not take (tie counts all-reduced, those in the top-k known everywhere)
-            thr = v2[:, -1:]
-            parts += [torch.where(z < thr, e, zero).sum(dim=-1, keepdim=True),
-                      (z == thr).sum(dim=-1, keepdim=True, dtype=torch.float32)]
-        # in-place product, then torch's cascade sum (a BLAS dot over 151,936 fp32 terms loses ~2e-4)
-        parts = [e.sum(dim=-1, keepdim=True), z.mul_(e).sum(dim=-1, keepdim=True)] + parts
+            # the mass outside the global top-k, summed directly (1 - sum of the top-k would cancel): this
+            # shard's top-k entries are taken out of e (an accumulating index_put adds -e at the owned ids
+            # and 0 at the clamped ids of the others: exact, no host sync) and added back to the sums
+            loc_k, own_k = _local_ids(sh, top_i[r0:r1])
+            e_k = torch.where(own_k, e.gather(1, loc_k), zero)
+            zk_ek = torch.where(own_k, z.gather(1, loc_k), zero) * e_k
+            rows_k = torch.arange(r1 - r0, device=dev).unsqueeze(1).expand_as(loc_k)
+            e.index_put_((rows_k, loc_k), -e_k, accumulate=True)
+            rest_sum = e.sum(dim=-1, keepdim=True)
+            parts = [rest_sum + e_k.sum(dim=-1, keepdim=True),
+                     z.mul_(e).sum(dim=-1, keepdim=True) + zk_ek.sum(dim=-1, keepdim=True)] + parts + [rest_sum]
+        else:
+            # in-place product, then torch's cascade sum (a BLAS dot over 151,936 fp32 terms loses ~2e-4)
+            parts = [e.sum(dim=-1, keepdim=True), z.mul_(e).sum(dim=-1, keepdim=True)] + parts
         del e, z
         red = sh.all_reduce(torch.cat(parts, dim=1))
         s = red[:, 0]
@@ -296,8 +303,7 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
         if k:
             gathered[r0:r1] = red[:, 2:2 + k]
         if topk:
-            ties = (red[:, 3 + k] - (v2 == thr).sum(dim=-1)).clamp(min=0)
-            rest[r0:r1] = torch.log(red[:, 2 + k] + ties * torch.exp(thr[:, 0])) - log_s[r0:r1]
+            rest[r0:r1] = torch.log(red[:, 2 + k]) - log_s[r0:r1]
         return torch.isnan(red[:, 1]).any()
 
     safe = _two_phase(sh, n_rows, run_chunk)

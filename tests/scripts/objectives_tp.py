@@ -85,6 +85,17 @@ def run_checks(rank: int, world: int, dtype: torch.dtype, group=None, dp_group=N
     out = []
     student, teacher, target, old, mask = make_inputs()
     st, te = student.to(dtype).double(), teacher.to(dtype).double()  # what the kernel sees, in float64
+    # the teacher's mass outside its top-k (TeacherSignals.rest_log_prob), against float64 on the same ids;
+    # a sharp teacher (top-k mass within ~1e-6 of 1) is where log(1 - sum exp(top-k)) would lose it
+    for sharp in (1.0, 4.0):
+        xt = ref.shard(teacher * sharp, rank, world).to(dtype)
+        sig = build_objective(EOPDConfig(vocab_size=VOCAB, top_k=K)).teacher_signals(xt, target, group=group)
+        lp = ref.masked_log_softmax((teacher * sharp).to(dtype).double(), VOCAB)
+        outside = torch.ones_like(lp, dtype=torch.bool).scatter_(-1, sig.topk_ids, False) & torch.isfinite(lp)
+        rest = torch.logsumexp(torch.where(outside, lp, float("-inf")), dim=-1)
+        out.append(dict(check=f"rest_log_prob_x{sharp}", kind="rest",
+                        err=float(((sig.rest_log_prob.double() - rest) / rest.abs().clamp(min=1.0)).abs().max()),
+                        gerr=0.0))
     for v in VARIANTS:
         cfg = EOPDConfig(vocab_size=VOCAB, top_k=K, **v)
         obj = build_objective(cfg)
