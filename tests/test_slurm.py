@@ -215,10 +215,15 @@ def test_recipe_check_reports_every_missing_path(tmp_path):
     p = recipe_check(tmp_path, env={"HF_HUB_CACHE": str(cache)})
     assert p.returncode == 1, p.stdout
     err = p.stderr
-    assert "11 path(s) of" in err, err
+    assert "9 path(s) of" in err, err  # 2 checkpoints + the training file + 6 benchmark files
     assert "student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist" in err and "convert_hf.py import" in err
     assert "teacher.checkpoint = 'checkpoints/mcore/Qwen3-8B' does not exist" in err
-    # hub ids: looked up in the local cache, never downloaded; the error names the download command
+    # hub ids given as the weight source: looked up in the local cache, never downloaded; the error
+    # names the download command
+    p = recipe_check(tmp_path, "student.checkpoint=null", "student.hf_path=Qwen/Qwen3-4B-Base", "teacher.checkpoint=null",
+                     "teacher.hf_path=Qwen/Qwen3-8B", env={"HF_HUB_CACHE": str(cache)})
+    err = p.stderr
+    assert p.returncode == 1 and "9 path(s) of" in err, err
     assert "student.hf_path = 'Qwen/Qwen3-4B-Base' is neither a local folder" in err and str(cache) in err
     assert "hf download Qwen/Qwen3-4B-Base" in err and "hf download Qwen/Qwen3-8B" in err
     assert "data.train_files: 'data/math/train.jsonl' does not exist" in err
@@ -253,7 +258,8 @@ def test_recipe_check_passes_with_everything_in_place(tmp_path):
     p = recipe_check(tmp_path, f"student.checkpoint={hf}", env={"HF_HUB_CACHE": str(cache)})
     assert p.returncode == 1 and f"python tools/convert_hf.py import --hf {hf} --out CKPT" in p.stderr, p.stderr
     # hf_path alone (no checkpoint) must hold the weights too
-    p = recipe_check(tmp_path, "student.checkpoint=null", env={"HF_HUB_CACHE": str(cache)})
+    p = recipe_check(tmp_path, "student.checkpoint=null", "student.hf_path=Qwen/Qwen3-4B-Base",
+                     env={"HF_HUB_CACHE": str(cache)})
     assert p.returncode == 1 and "student.hf_path = 'Qwen/Qwen3-4B-Base'" in p.stderr and "weight" in p.stderr, p.stderr
 
 

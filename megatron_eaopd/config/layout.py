@@ -17,12 +17,8 @@ step); micro-batch = ``train.micro_batch_size`` sequences of one DP rank.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from megatron_eaopd.config.errors import ConfigError
-
-if TYPE_CHECKING:  # the schema imports this module; only annotations refer back to it
-    from megatron_eaopd.config.schema import Config
 
 __all__ = ["RuntimeLayout", "check_static_layout", "resolve_layout"]
 
@@ -60,8 +56,11 @@ class RuntimeLayout:
     seq_multiple: int = 1
 
 
-def check_static_layout(cfg: "Config") -> None:
+def check_static_layout(cfg) -> None:
     """Rules that need only the configuration (the schema calls this at load).
+
+    Args:
+        cfg: the :class:`megatron_eaopd.config.Config` being validated.
 
     Raises:
         ValueError: the global batch does not split into ``train.mini_batches``; the mini-batch does
@@ -91,11 +90,11 @@ def check_static_layout(cfg: "Config") -> None:
         raise ValueError("parallel.sequence_parallel true needs parallel.tp > 1")
 
 
-def resolve_layout(cfg: "Config", world_size: int, cuda: bool, te: bool | None = None) -> RuntimeLayout:
+def resolve_layout(cfg, world_size: int, cuda: bool, te: bool | None = None) -> RuntimeLayout:
     """Check the configuration against the launched world and resolve the ``auto`` switches.
 
     Args:
-        cfg: the validated configuration.
+        cfg: the validated :class:`megatron_eaopd.config.Config`.
         world_size: number of processes (``torch.distributed.get_world_size()`` or the allocation's).
         cuda: whether the processes have CUDA.
         te: whether Transformer Engine is usable (sequence parallelism needs its norms); default =

@@ -217,12 +217,15 @@ class CheckpointConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    """Where and how a run reports. ``log_interval`` in iterations."""
+    """Where and how a run reports. ``log_interval`` in iterations. ``wandb_project``: log to this
+    W&B project too (needs ``wandb``); the run id is kept in the run directory, so a requeued job
+    continues the same W&B run. ``wandb_name``: the W&B run name (default: the run directory's name)."""
 
     run_dir: str = "runs/eopd"
     log_interval: int = Field(1, ge=1)
     tensorboard: bool = True
     wandb_project: str | None = None
+    wandb_name: str | None = None
     jsonl: bool = True
 
 

@@ -190,10 +190,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
     summary = {"params": _allreduce_sum(n), "bytes": _allreduce_sum(nbytes), "seconds": time.perf_counter() - t0,
                "dtype": dtype_name(dt), "path": str(path)}
     if verify:
-        vchunks, _ = build_gpt_model(path / "hf_assets", params_dtype=dt, perform_initialization=False, parallel_output=True)
+        # an fp32 model (its attention/softmax settings follow its build dtype, so a bf16 model cast with
+        # .float() mixes dtypes); the checkpoint's values load into it exactly
+        vchunks, _ = build_gpt_model(path / "hf_assets", params_dtype=torch.float32, perform_initialization=False,
+                                     parallel_output=True)
         load_checkpoint(path, vchunks)
-        for c in vchunks:
-            c.float()
         summary["verify"] = require_passed(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
     return summary
 
@@ -311,8 +312,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     os.replace(tmp, out)
     summary = {"params": n, "bytes": nbytes, "seconds": time.perf_counter() - t0, "dtype": dtype_name(out_dtype), "path": str(out)}
     if verify:
-        for c in chunks:  # same values as the written (possibly lower-precision) tensors, computed in fp32
+        del chunks, m, params
+        # the written (possibly lower-precision) values in an fp32-built model, computed in fp32
+        vchunks, _ = build_gpt_model(assets, params_dtype=torch.float32, perform_initialization=False)
+        load_checkpoint(src, vchunks)
+        for c in vchunks:
             for p in c.parameters():
                 p.data = p.data.to(out_dtype).float()
-        summary["verify"] = require_passed(verify_logits(chunks, out, weight_dtype=out_dtype, atol=atol), atol)
+        summary["verify"] = require_passed(verify_logits(vchunks, out, weight_dtype=out_dtype, atol=atol), atol)
     return summary

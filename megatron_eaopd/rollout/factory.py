@@ -10,11 +10,8 @@ from megatron.core import parallel_state as ps
 from megatron_eaopd.distributed import print_rank0
 from megatron_eaopd.settings import ConfigError
 from megatron_eaopd.models.backend import flash_attn_unavailable_reason
-from megatron_eaopd.rollout.dynamic import DynamicEngine
 from megatron_eaopd.rollout.engine import RolloutEngine
 from megatron_eaopd.rollout.params import EngineKind
-from megatron_eaopd.rollout.recompute import RecomputeEngine
-from megatron_eaopd.rollout.static import StaticEngine
 
 __all__ = ["select_engine_kind", "make_engine"]
 
@@ -72,8 +69,16 @@ def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind:
     if why:
         print_rank0(f"[eopd] {why}")
     common = dict(max_batch_size=max_batch_size, progress=progress)
+    # deferred: megatron-core's inference engines call faulthandler.enable() at import, which fails where
+    # stderr has no file descriptor (notebooks, captured output); import them only when one is built
     if chosen == "static":
+        from megatron_eaopd.rollout.static import StaticEngine
+
         return StaticEngine(model_chunks, tokenizer, stop_ids, **common)
     if chosen == "dynamic":
+        from megatron_eaopd.rollout.dynamic import DynamicEngine
+
         return DynamicEngine(model_chunks, tokenizer, stop_ids, kv_buffer_gb=kv_buffer_gb, **common)
+    from megatron_eaopd.rollout.recompute import RecomputeEngine
+
     return RecomputeEngine(model_chunks, tokenizer, stop_ids, **common)
