@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from megatron_eaopd.loss.config import EOPDConfig
-from megatron_eaopd.loss.vocab_parallel import _check_same_shards, _rows, _shard, _stats_forward
+from megatron_eaopd.loss.kernels import _stats_forward
+from megatron_eaopd.loss.shards import _check_same_shards, _rows, _shard
 
 __all__ = ["TeacherSignals", "teacher_signals", "check_target_ids"]
 
