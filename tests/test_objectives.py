@@ -388,8 +388,7 @@ def _write_run(path: Path, n: int, seed: int, extra: str = "") -> None:
 
 
 def test_plot_command_draws_runs_side_by_side(tmp_path):
-    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is part of the dev install")
-    from megatron_eaopd.cli.plot import main, plot_runs
+    from megatron_eaopd.cli.plot import main, plot_runs  # matplotlib: the plot extra, part of the dev install
 
     _write_run(tmp_path / "opd", 12, 0)
     _write_run(tmp_path / "eopd", 9, 1, extra='{"iteration": 10, "lo')  # a run still writing its last line
