@@ -1,7 +1,8 @@
 """The EOPD loss on Megatron vocab-parallel logits.
 
 ``vocab_parallel``: full-vocabulary primitives (stats, entropy, log-probs at ids, top-k, KL) as
-autograd Functions with explicit TP collectives and hand-written backward passes.
+autograd Functions with explicit TP collectives and hand-written backward passes (the passes in
+``kernels``, the TP shard geometry and chunking in ``shards``).
 ``config``: :class:`EOPDConfig` (the settings; the ``loss:`` section of the recipes).
 ``signals``: :class:`TeacherSignals` and :func:`teacher_signals` (the teacher's per-token payload).
 ``eopd``: :func:`eopd_loss` / :func:`eopd_loss_sums` (the paper's Eq. 7-10, the exact full-vocabulary
