@@ -45,7 +45,7 @@ def test_wheel_declares_the_console_scripts(installed):
         text = z.read(ep).decode()
     assert "[console_scripts]" in text
     for line in ("eaopd-convert = megatron_eaopd.cli.convert:main", "eaopd-evaluate = megatron_eaopd.cli.evaluate:main",
-                 "eaopd-train = megatron_eaopd.train:main"):
+                 "eaopd-train = megatron_eaopd.train:main", "eaopd-plot = megatron_eaopd.cli.plot:main"):
         assert line in text, text
     for mod in ("cli/convert.py", "cli/evaluate.py", "models/sources.py", "prompts.py", "answers.py", "data.py"):
         assert f"megatron_eaopd/{mod}" in names, mod
@@ -53,7 +53,8 @@ def test_wheel_declares_the_console_scripts(installed):
 
 @pytest.mark.parametrize("script,needle", [("eaopd-convert", "{import,export,prepare-smollm2}"),
                                            ("eaopd-evaluate", "--no-chat-template"),
-                                           ("eaopd-train", "megatron_eaopd.train")])
+                                           ("eaopd-train", "megatron_eaopd.train"),
+                                           ("eaopd-plot", "--panels")])
 def test_console_scripts_run_from_the_install(installed, script, needle, tmp_path):
     _, target = installed
     exe = target / "bin" / script

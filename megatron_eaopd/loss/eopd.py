@@ -1,22 +1,25 @@
-"""The EOPD objective (Jin et al., arXiv 2603.07079, Eq. 7-10) on vocab-parallel logits.
+"""The EOPD objective (Jin et al., arXiv 2603.07079, Eq. 7-10) on vocab-parallel logits, and its variants.
 
-Per response token t (method.md, "The objective"):
+Per response token t (docs/method.md, "The objective"):
 
 * reverse-KL term, PPO-clipped sampled-token estimator (Eq. 7-8)::
 
-      A_t = stopgrad(log pi_T(y_t) - log pi_old(y_t));  r_t = exp(log pi_theta(y_t) - log pi_old(y_t))
-      l_rkl = max(-r_t A_t, -clip(r_t, 1 - eps, 1 + eps) A_t)
+      A_t = stopgrad(log pi_T(y_t) - log pi_old(y_t) [+ KL_t with rkl_baseline="kl"])
+      r_t = exp(log pi_theta(y_t) - log pi_old(y_t));  l_rkl = max(-r_t A_t, -clip(r_t, 1 - eps, 1 + eps) A_t)
 
+  where KL_t is the detached ``KL(pi_theta || pi_T)(s_t)`` over the teacher's top-k plus a rest bucket
+  (vOPD's control variate: A_t has expectation -KL under the student's sampling; a baseline that does
+  not depend on y_t leaves the expected gradient unchanged);
 * forward-KL term over the teacher's top-k K_t (Eq. 10), against the student's FULL-vocabulary
-  log-softmax at K_t; ``fkl_support`` picks the teacher distribution q_t on K_t:
-  ``renormalize`` (softmax over K_t, the paper's majority reading), ``raw`` (teacher probabilities as
-  they are) or ``tail`` (K_t plus one bucket holding the remaining mass on both sides: a true KL,
-  never negative);
-* per-token loss (Eq. 9): ``l_t = l_rkl + alpha * 1[H_T(t) > tau] * l_fkl``.
+  log-softmax at K_t; ``fkl_support`` picks the teacher distribution q_t on K_t
+  (:func:`~megatron_eaopd.loss.topk_kl.topk_forward_kl`);
+* per-token loss (Eq. 9): ``l_t = l_rkl + alpha * g_t * l_fkl`` with the gate ``g_t`` of
+  :data:`~megatron_eaopd.loss.gates.GATES` (paper: ``1[H_T(t) > tau]``).
 
 ``mode="full"`` is this project's exact extension: ``l_t = KL(pi_theta||pi_T) + alpha * g_t *
 KL(pi_T||pi_theta)`` over the whole vocabulary with analytic gradients (teacher logits needed on the
-student's vocab shards). ``alpha = 0`` is the plain OPD baseline.
+student's vocab shards). Its reverse-KL gradient ``p (log p - log q - KL)`` is the expectation of the
+baselined sampled-token estimator, so ``rkl_baseline`` leaves it unchanged. ``alpha = 0`` is plain OPD.
 
 :func:`eopd_loss` follows Megatron's per-token-loss convention: it returns the SUM of per-token losses
 over the loss mask and the number of tokens, so the global token mean (method.md step 4) is exact
@@ -25,268 +28,26 @@ however the global batch is split into micro-batches and data-parallel ranks.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
-from typing import Literal, Mapping
-
 import torch
-from pydantic import Field, field_validator, model_validator
 
+from megatron_eaopd.loss.config import EOPDConfig
 from megatron_eaopd.loss.gates import GATES
-from megatron_eaopd.settings import FrozenSettings
+from megatron_eaopd.loss.metrics import METRIC_DENOMINATORS, METRIC_KEYS, reduce_metric_sums
+from megatron_eaopd.loss.signals import TeacherSignals, teacher_signals
+from megatron_eaopd.loss.topk_kl import topk_forward_kl, topk_reverse_kl
+from megatron_eaopd.loss.vocab_parallel import vocab_parallel_kl_pair, vocab_parallel_log_probs_and_entropy
 
-from megatron_eaopd.loss.vocab_parallel import (
-    _shard,
-    vocab_parallel_kl_pair,
-    vocab_parallel_log_probs_and_entropy,
-)
-from megatron_eaopd.loss.vocab_parallel import _check_same_shards, _rows, _stats_forward
-
-__all__ = ["EOPDConfig", "TeacherSignals", "teacher_signals", "eopd_loss", "eopd_loss_sums", "reduce_metric_sums",
+# EOPDConfig, TeacherSignals, teacher_signals and the metric tables live in their own modules; they are
+# re-exported here for code that imported them from megatron_eaopd.loss.eopd.
+__all__ = ["eopd_loss", "eopd_loss_sums", "EOPDConfig", "TeacherSignals", "teacher_signals", "reduce_metric_sums",
            "METRIC_KEYS", "METRIC_DENOMINATORS"]
 
-#: Smallest student rest-of-vocabulary mass used by fkl_support="tail" (fp32 log-prob resolution).
-_TAIL_FLOOR = 1e-9
-
-#: Keys of the metrics dict returned by :func:`eopd_loss` (token means unless noted).
-METRIC_KEYS = (
-    "rkl_term",  # mean l_rkl (topk: PPO-clipped sampled-token term; full: exact KL(student||teacher))
-    "fkl_term",  # mean g_t * l_fkl over all valid tokens (before alpha)
-    "gate_fraction",  # fraction of valid tokens with H_teacher > tau
-    "teacher_entropy",  # mean full-vocabulary teacher entropy, nats
-    "student_entropy",  # mean full-vocabulary student entropy, nats
-    "fkl_gated",  # mean l_fkl over gated tokens only (0 if none)
-    "log_ratio",  # mean log pi_theta(y_t) - log pi_old(y_t) (sampled token)
-    "clip_fraction",  # fraction of valid tokens where the clipped branch is active (topk mode)
-    "student_topk_mass",  # mean student probability mass on the teacher's top-k ids
-    "teacher_student_log_ratio",  # mean log pi_T(y_t) - log pi_theta(y_t) (sampled-token RKL estimate, k1)
-    "num_gated",  # count of gated valid tokens (a sum, for exact aggregation)
-)
-
-#: What :func:`reduce_metric_sums` divides each summed quantity by: ``"num_tokens"`` (a token mean),
-#: ``"num_gated"`` (a mean over gated tokens) or None (reported as the sum itself: a count).
-METRIC_DENOMINATORS: dict[str, str | None] = {
-    **{k: "num_tokens" for k in METRIC_KEYS},
-    "fkl_gated": "num_gated",
-    "num_gated": None,
-    "loss": "num_tokens",
-    "num_tokens": None,
-}
-
-
-class EOPDConfig(FrozenSettings):
-    """Hyperparameters of the EOPD loss (docs/method.md; paper values are the defaults).
-
-    This one class is both the runtime configuration of the loss and the ``loss`` section of the
-    trainer's YAML schema (:class:`megatron_eaopd.config.Config`): its rules live here only.
-
-    Attributes:
-        mode: ``"topk"`` (the paper, Eq. 7-10) or ``"full"`` (exact full-vocabulary KLs).
-        tau: teacher-entropy threshold in nats (>= 0); the hard gate is ``H_T > tau``. Paper 0.8.
-        alpha: weight of the forward-KL term (>= 0); 0 gives plain OPD. Paper 1.0.
-        clip_eps: PPO clip range of the ratio in the reverse-KL term (topk mode), in (0, 1). 0.2 (verl).
-        top_k: size of the teacher's top-k support K_t (>= 1). Paper 16.
-        fkl_support: ``"renormalize"``, ``"raw"`` or ``"tail"`` (see module docstring).
-        gate: name of the entropy gate in :data:`megatron_eaopd.loss.gates.GATES` (``"hard"``: the paper's).
-        temperature: both models' logits are divided by it before any softmax (> 0). Paper 1.0.
-        vocab_size: the tokenizer's true vocabulary size (>= 1); padded rows beyond it get zero
-            probability. None = every logit column is a real token (the trainer fills it in at start).
-    Raises:
-        pydantic.ValidationError (a ``ValueError``): an unknown key, mode, support or gate,
-        an out-of-range number, inf/NaN, or ``top_k > vocab_size``; the message names the field.
-    """
-
-    mode: Literal["topk", "full"] = "topk"
-    tau: float = Field(0.8, ge=0)
-    alpha: float = Field(1.0, ge=0)
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    top_k: int = Field(16, ge=1)
-    fkl_support: Literal["renormalize", "raw", "tail"] = "renormalize"
-    gate: str = "hard"
-    temperature: float = Field(1.0, gt=0)
-    vocab_size: int | None = Field(None, ge=1)
-
-    @field_validator("gate")
-    @classmethod
-    def _known_gate(cls, v: str) -> str:
-        if v not in GATES:
-            raise ValueError(f"gate {v!r} is not one of {sorted(GATES)}")
-        return v
-
-    @model_validator(mode="after")
-    def _top_k_fits(self):
-        if self.vocab_size is not None and self.top_k > self.vocab_size:
-            raise ValueError(f"top_k ({self.top_k}) exceeds vocab_size ({self.vocab_size})")
-        return self
-
-    def with_vocab_size(self, vocab_size: int) -> "EOPDConfig":
-        """A validated copy with ``vocab_size`` set (the tokenizer's true vocabulary, resolved at start)."""
-        return EOPDConfig(**{**self.model_dump(), "vocab_size": int(vocab_size)})
-
-
-@dataclass
-class TeacherSignals:
-    """What the frozen teacher contributes per token; no tensor here carries gradient.
-
-    Layout: ``[B, S]`` rows aligned with the student's logits (row ``[b, s]`` describes the prediction
-    of ``target_ids[b, s]``, already shifted).
-
-    Attributes:
-        target_ids: ``[B, S]`` int64 sampled tokens y_t.
-        target_log_probs: ``[B, S]`` fp32 ``log pi_T(y_t | s_t)`` (nats).
-        entropy: ``[B, S]`` fp32 full-vocabulary teacher entropy H_t (nats).
-        topk_ids: ``[B, S, k]`` int64 global ids of the teacher's top-k tokens.
-        topk_log_probs: ``[B, S, k]`` fp32 teacher log-probs at ``topk_ids`` (full-vocab normalised).
-        logits: ``[B, S, V_local]`` teacher logits on the student's vocab shards (``mode="full"`` only).
-    """
-
-    target_ids: torch.Tensor
-    target_log_probs: torch.Tensor
-    entropy: torch.Tensor
-    topk_ids: torch.Tensor
-    topk_log_probs: torch.Tensor
-    logits: torch.Tensor | None = None
-
-    def to(self, device) -> "TeacherSignals":
-        """Copy every tensor to ``device`` (e.g. to host memory between phases)."""
-        return TeacherSignals(**{f.name: (None if (t := getattr(self, f.name)) is None else t.to(device))
-                                 for f in fields(self)})
-
-    def select(self, index) -> "TeacherSignals":
-        """Rows ``index`` (slice or index tensor over the batch dimension) of every tensor."""
-        return TeacherSignals(**{f.name: (None if (t := getattr(self, f.name)) is None else t[index])
-                                 for f in fields(self)})
-
-
-def teacher_signals(
-    teacher_logits: torch.Tensor, target_ids: torch.Tensor, cfg: EOPDConfig, *, group=None,
-    keep_logits: bool | None = None, chunk_size: int | None = None,
-) -> TeacherSignals:
-    """Teacher target log-prob, full-vocab entropy and global top-k from vocab-parallel logits (no grad).
-
-    One chunked pass over the teacher logits: a MAX all-reduce, one SUM all-reduce of (sum exp,
-    sum p*z, logit at the target) and an all-gather of the local top-k per chunk.
-
-    Args:
-        teacher_logits: ``[B, S, V_local]`` (any float dtype), Megatron vocab-parallel layout.
-        target_ids: ``[B, S]`` int64 global ids the logits at ``[b, s]`` predict.
-        cfg: :class:`EOPDConfig` (temperature, top_k, vocab_size, mode).
-        group: tensor-parallel group (default Megatron's).
-        keep_logits: keep a reference to ``teacher_logits`` (default: ``cfg.mode == "full"``).
-    Returns:
-        :class:`TeacherSignals`.
-    Raises:
-        ValueError: shape mismatch, ids out of range, NaN/+inf logits (with location), k > vocab.
-    Source: method.md (H_t over the full vocabulary, K_t = teacher top-k); NeMo-RL distributed top-k.
-    """
-    if teacher_logits.dim() != 3 or target_ids.shape != teacher_logits.shape[:2]:
-        raise ValueError(
-            f"teacher_logits must be [B, S, V_local] and target_ids [B, S]; got {tuple(teacher_logits.shape)} "
-            f"and {tuple(target_ids.shape)}"
-        )
-    sh = _shard(teacher_logits, group, cfg.vocab_size, cfg.temperature, chunk_size, name="teacher_logits")
-    true_v = cfg.vocab_size if cfg.vocab_size is not None else sh.v_local * sh.world
-    if cfg.top_k > true_v:
-        raise ValueError(f"EOPDConfig.top_k={cfg.top_k} is larger than the vocabulary ({true_v})")
-    _check_same_shards(sh, teacher_logits)
-    _check_target(target_ids, true_v)
-    with torch.no_grad():
-        _, log_s, ent, gathered, (tv, ti), _ = _stats_forward(
-            sh, _rows(teacher_logits), target_ids.reshape(-1, 1).long(), "teacher_logits", topk=cfg.top_k,
-            shape=tuple(teacher_logits.shape),
-        )
-    b, s = target_ids.shape
-    keep = cfg.mode == "full" if keep_logits is None else keep_logits
-    return TeacherSignals(
-        target_ids=target_ids.long(),
-        target_log_probs=(gathered[:, 0] - log_s).view(b, s),
-        entropy=ent.view(b, s),
-        topk_ids=ti.view(b, s, cfg.top_k),
-        topk_log_probs=(tv - log_s.unsqueeze(1)).view(b, s, cfg.top_k),
-        logits=teacher_logits.detach() if keep else None,
-    )
-
-
-def _check_target(target_ids: torch.Tensor, true_v: int) -> None:
-    if target_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"target_ids must be int64, got {target_ids.dtype}")
-    if target_ids.numel() and (bool((target_ids < 0).any()) or bool((target_ids >= true_v).any())):
-        raise ValueError(
-            f"target_ids must lie in [0, vocab_size={true_v}); got values in "
-            f"[{int(target_ids.min())}, {int(target_ids.max())}]. Replace padding ids with a valid id "
-            f"(e.g. 0) and exclude those positions through loss_mask"
-        )
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, stable on both sides of -log 2 (Maechler 2012)."""
-    x = x.clamp(max=0.0)
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-
-def _topk_forward_kl(t_lp: torch.Tensor, s_lp: torch.Tensor, support: str) -> torch.Tensor:
-    """Forward KL of the teacher against the student on the teacher's top-k (float64, per token).
-
-    Args:
-        t_lp: ``[N, k]`` teacher log-probs at K_t (full-vocab normalised).
-        s_lp: ``[N, k]`` student full-vocab log-probs at K_t (differentiable).
-        support: ``renormalize`` | ``raw`` | ``tail``.
-    Returns:
-        ``[N]`` float64 l_fkl (Eq. 10). ``tail`` is computed as sum_i q_i (e^d_i - 1 - d_i) with
-        d_i = log p_i - log q_i over the K+1 buckets, each term >= 0 in floating point, so it is never
-        negative (prior_art.md B1: truncated sums go negative and get clamped elsewhere).
-    """
-    t = t_lp.double()
-    s = s_lp.double()
-    if support in ("renormalize", "raw"):
-        lq = torch.log_softmax(t, dim=-1) if support == "renormalize" else t
-        finite = torch.isfinite(lq)  # -inf teacher entries have q = 0 and contribute exactly 0 (no 0 * inf)
-        return torch.where(finite, lq.exp() * (torch.where(finite, lq, 0.0) - s), 0.0).sum(-1)
-    # tail: the top-k entries the teacher gives mass to, plus one bucket with the rest of the mass of each
-    # distribution (top-k slots with zero teacher probability belong to the rest). The student's rest
-    # mass 1 - sum p is floored at _TAIL_FLOOR: below that it is fp32 rounding noise of the log-probs.
-    valid = torch.isfinite(t)
-    s_in = torch.where(valid, s, float("-inf"))
-    lq_rest = _log1mexp(torch.logsumexp(t, dim=-1, keepdim=True))
-    lp_rest = _log1mexp(torch.logsumexp(s_in, dim=-1, keepdim=True)).clamp(min=math.log(_TAIL_FLOOR))
-    lq = torch.cat([torch.where(valid, t, 0.0), lq_rest], dim=-1)
-    lp = torch.cat([torch.where(valid, s, 0.0), lp_rest], dim=-1)
-    keep = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=-1)
-    q_pos = keep & torch.isfinite(lq)
-    d = torch.where(q_pos, lp - lq, 0.0)
-    # each term >= 0: q (e^d - 1 - d) where q > 0; where q = 0 (only the rest bucket) the KL charges p
-    term = torch.where(q_pos, lq.exp() * (torch.expm1(d) - d), torch.where(keep, lp.exp(), 0.0))
-    return term.sum(-1)
+_topk_forward_kl = topk_forward_kl  # former private name (tests import it)
 
 
 def _masked_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    return (x.detach().float() * m).sum()
-
-
-def reduce_metric_sums(sums: Mapping[str, float | torch.Tensor],
-                       denominators: Mapping[str, str | None] = METRIC_DENOMINATORS) -> dict:
-    """Turn summed metrics into means: the one place that knows how each metric averages.
-
-    Args:
-        sums: metric name -> sum over any number of micro-batches / DP ranks (floats or 0-dim
-            tensors), including the counts ``num_tokens`` and ``num_gated`` (as :func:`eopd_loss_sums`
-            returns them, added key by key).
-        denominators: metric -> the count it is divided by, or None to keep the sum (a count).
-    Returns:
-        ``{name: mean}`` for every key of ``sums`` (same type as the inputs); a mean over zero
-        tokens is 0.
-    Raises:
-        KeyError: a metric without a denominator rule, or a denominator count missing from ``sums``.
-    """
-    out = {}
-    for k, v in sums.items():
-        den = denominators[k]
-        if den is None:
-            out[k] = v
-        else:
-            d = sums[den]
-            out[k] = v / (d.clamp(min=1) if isinstance(d, torch.Tensor) else max(float(d), 1.0))
-    return out
+    """``sum_t m_t x_t`` as a detached 0-dim float64 tensor (x is already 0 at invalid positions)."""
+    return (x.detach().double() * m).sum()
 
 
 def eopd_loss_sums(
@@ -298,12 +59,13 @@ def eopd_loss_sums(
     Args: as :func:`eopd_loss`.
     Returns:
         ``(loss_sum, num_tokens, sums)``: ``loss_sum`` and ``num_tokens`` as in :func:`eopd_loss`;
-        ``sums`` maps every key of :data:`METRIC_KEYS` plus ``"loss"`` and ``"num_tokens"`` to a
-        detached 0-dim fp32 tensor: the sum over this call's valid tokens (gated ones for
-        ``fkl_gated``; counts for ``num_gated`` / ``num_tokens``). Add them over micro-batches and
-        DP ranks, then :func:`reduce_metric_sums` gives the global means.
+        ``sums`` maps every key of :data:`METRIC_DENOMINATORS` to a detached 0-dim float64 tensor: the
+        sum over this call's valid tokens (weighted by the gate for ``fkl_gated``; counts for
+        ``num_gated`` / ``num_tokens``; ``tau`` and ``micro_batches`` once per call). Add them over
+        micro-batches and DP ranks, then :func:`reduce_metric_sums` gives the global values.
     Raises: as :func:`eopd_loss`.
-    Source: Jin et al. 2026, Eq. 7-10; docs/method.md "The objective" and "Exact full-vocabulary mode".
+    Source: Jin et al. 2026, Eq. 7-10; docs/method.md "The objective", "Exact full-vocabulary mode" and
+    "Objectives beyond the paper" (vOPD baseline, arXiv 2605.07865).
     """
     if not isinstance(cfg, EOPDConfig):
         raise ValueError(f"cfg must be an EOPDConfig, got {type(cfg).__name__}")
@@ -311,8 +73,9 @@ def eopd_loss_sums(
         raise ValueError(f"student_logits must be [B, S, V_local], got shape {tuple(student_logits.shape)}")
     bs = tuple(student_logits.shape[:2])
     for name, t in (("old_log_probs", old_log_probs), ("loss_mask", loss_mask), ("sig.target_ids", sig.target_ids),
-                    ("sig.target_log_probs", sig.target_log_probs), ("sig.entropy", sig.entropy)):
-        if tuple(t.shape) != bs:
+                    ("sig.target_log_probs", sig.target_log_probs), ("sig.entropy", sig.entropy),
+                    ("sig.rest_log_prob", sig.rest_log_prob)):
+        if t is not None and tuple(t.shape) != bs:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected [B, S] = {bs} like student_logits")
     k = sig.topk_ids.shape[-1]
     if tuple(sig.topk_ids.shape) != (*bs, k) or tuple(sig.topk_log_probs.shape) != (*bs, k):
@@ -330,31 +93,37 @@ def eopd_loss_sums(
     _check_finite("sig.target_log_probs", sig.target_log_probs, valid)
     _check_finite("sig.entropy", sig.entropy, valid)
     _check_finite("sig.topk_log_probs", sig.topk_log_probs, valid.unsqueeze(-1))
+    if sig.rest_log_prob is not None:
+        _check_finite("sig.rest_log_prob", sig.rest_log_prob, valid)
 
     ids = torch.cat([sig.target_ids.unsqueeze(-1).long(), sig.topk_ids.long()], dim=-1)  # [B, S, 1 + k]
     kw = dict(group=group, vocab_size=cfg.vocab_size, temperature=cfg.temperature, chunk_size=chunk_size)
+    zero = torch.zeros((), device=mask.device)
     # masked positions get neutral values so that no inf/NaN enters the graph (0 * inf = NaN in backward)
-    old = torch.where(valid, old_log_probs.float(), torch.zeros((), device=mask.device))
-    t_lp_target = torch.where(valid, sig.target_log_probs.float(), torch.zeros((), device=mask.device))
-    gate = torch.where(valid, GATES[cfg.gate](torch.where(valid, sig.entropy.float(), 0.0), cfg), 0.0)
+    old = torch.where(valid, old_log_probs.float(), zero)
+    t_lp_target = torch.where(valid, sig.target_log_probs.float(), zero)
+    t_ent = torch.where(valid, sig.entropy.float(), zero)
+    gate = torch.where(valid, GATES[cfg.gate](t_ent, cfg), zero)
+    t_topk = torch.where(valid.unsqueeze(-1), sig.topk_log_probs.float(), zero)
+    t_rest = None if sig.rest_log_prob is None else \
+        torch.where(valid, sig.rest_log_prob.float(), float("-inf")).reshape(-1)  # masked: no rest, like t_topk = 0
 
     if cfg.mode == "topk":
         s_lp, s_ent = vocab_parallel_log_probs_and_entropy(student_logits, ids, **kw)
-        s_ent = s_ent.detach()
-        lp = torch.where(valid, s_lp[..., 0], torch.zeros((), device=mask.device))
-        adv = (t_lp_target - old).detach()
+        lp = torch.where(valid, s_lp[..., 0], zero)
+        s_topk = torch.where(valid.unsqueeze(-1), s_lp[..., 1:], zero)
+        # the baseline's reverse KL, KL(pi_theta || pi_T) on K_t + rest: a function of s_t only (not of y_t)
+        kl_base = topk_reverse_kl(t_topk.reshape(-1, k), s_topk.detach().reshape(-1, k), t_rest).view(bs).float()
+        kl_base = torch.where(valid, kl_base, zero)
+        adv = (t_lp_target - old + (kl_base if cfg.rkl_baseline == "kl" else 0.0)).detach()
         ratio = torch.exp(lp - old)
         unclipped = -ratio * adv
         clipped = -ratio.clamp(1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps) * adv
         l_rkl = torch.maximum(unclipped, clipped)
         clip_frac_tok = (clipped > unclipped).float()
-        t_topk = torch.where(valid.unsqueeze(-1), sig.topk_log_probs.float(), torch.zeros((), device=mask.device))
-        s_topk = torch.where(valid.unsqueeze(-1), s_lp[..., 1:], torch.zeros((), device=mask.device))
-        if cfg.alpha > 0:
-            l_fkl = _topk_forward_kl(t_topk.reshape(-1, k), s_topk.reshape(-1, k), cfg.fkl_support).view(bs).float()
-        else:
-            with torch.no_grad():
-                l_fkl = _topk_forward_kl(t_topk.reshape(-1, k), s_topk.reshape(-1, k), cfg.fkl_support).view(bs).float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.alpha > 0):
+            l_fkl = topk_forward_kl(t_topk.reshape(-1, k), s_topk.reshape(-1, k), cfg.fkl_support,
+                                    t_rest).view(bs).float()
         s_lp_ids = s_lp.detach()
     else:
         if sig.logits is None:
@@ -367,30 +136,43 @@ def eopd_loss_sums(
                 f"teacher logits {tuple(sig.logits.shape)} and student logits {tuple(student_logits.shape)} must "
                 f"have the same shape (same micro-batch, same vocab shards)"
             )
+        # exact reverse KL: its gradient is already the expectation of the baselined estimator (rkl_baseline moot)
         l_rkl, l_fkl, s_ent, s_lp_ids = vocab_parallel_kl_pair(student_logits, sig.logits.detach(), ids, **kw)
-        s_ent = s_ent.detach()
-        lp = torch.where(valid, s_lp_ids[..., 0], torch.zeros((), device=mask.device))
+        lp = torch.where(valid, s_lp_ids[..., 0], zero)
+        kl_base = torch.where(valid, l_rkl.detach(), zero)
         clip_frac_tok = torch.zeros_like(mask)
 
     per_token = l_rkl + cfg.alpha * gate * l_fkl
-    per_token = torch.where(valid, per_token, torch.zeros((), device=mask.device))
+    per_token = torch.where(valid, per_token, zero)
     loss_sum = (per_token * mask).sum()
     num_tokens = valid.sum()
     with torch.no_grad():
+        s_ent = torch.where(valid, s_ent.detach(), zero)
+        a = (t_lp_target - old).double() * mask  # the sampled-token advantage, no baseline
+        ab = a + kl_base.double() * mask  # with the baseline
         sums = {
             "rkl_term": _masked_sum(l_rkl, mask),
             "fkl_term": _masked_sum(gate * l_fkl, mask),
             "gate_fraction": _masked_sum(gate, mask),
-            "teacher_entropy": _masked_sum(torch.where(valid, sig.entropy.float(), 0.0), mask),
-            "student_entropy": _masked_sum(torch.where(valid, s_ent, 0.0), mask),
-            "fkl_gated": (torch.where(valid, l_fkl.detach(), 0.0) * gate).sum(),
+            "teacher_entropy": _masked_sum(t_ent, mask),
+            "student_entropy": _masked_sum(s_ent, mask),
+            "teacher_high_entropy_fraction": _masked_sum((t_ent > cfg.tau).float(), mask),
+            "student_high_entropy_fraction": _masked_sum((s_ent > cfg.tau).float(), mask),
+            "fkl_gated": _masked_sum(torch.where(valid, l_fkl.detach(), zero) * gate, mask),
             "log_ratio": _masked_sum(lp - old, mask),
             "clip_fraction": _masked_sum(clip_frac_tok, mask),
-            "student_topk_mass": _masked_sum(torch.where(valid, s_lp_ids[..., 1:].exp().sum(-1), 0.0), mask),
+            "student_topk_mass": _masked_sum(torch.where(valid, s_lp_ids[..., 1:].exp().sum(-1), zero), mask),
             "teacher_student_log_ratio": _masked_sum(t_lp_target - lp, mask),
-            "num_gated": gate.sum().detach(),
-            "loss": loss_sum.detach().float(),
-            "num_tokens": num_tokens.float(),
+            "advantage": a.sum(),
+            "advantage_sq": (a * a).sum(),
+            "advantage_baselined": ab.sum(),
+            "advantage_baselined_sq": (ab * ab).sum(),
+            "baseline_kl": _masked_sum(kl_base, mask),
+            "tau": torch.tensor(float(cfg.tau), dtype=torch.float64, device=mask.device),
+            "num_gated": _masked_sum(gate, mask),
+            "loss": loss_sum.detach().double(),
+            "num_tokens": num_tokens.double(),
+            "micro_batches": torch.ones((), dtype=torch.float64, device=mask.device),
         }
     return loss_sum, num_tokens, sums
 
@@ -413,9 +195,9 @@ def eopd_loss(
         ``sum_t m_t l_t`` (nats; differentiable w.r.t. ``student_logits``), ``num_tokens`` the 0-dim
         int64 count ``sum_t m_t``; divide the sum over all micro-batches and DP ranks by the total
         token count for the paper's token mean (docs/method.md, step 4). ``metrics`` maps each of
-        :data:`METRIC_KEYS` to a detached 0-dim fp32 tensor: token means over this call's valid tokens
-        (0 when there are none), except ``num_gated`` (a count). To aggregate several calls exactly,
-        use :func:`eopd_loss_sums` and :func:`reduce_metric_sums`.
+        :data:`METRIC_KEYS` to a detached 0-dim float64 tensor: token means over this call's valid
+        tokens (0 when there are none), except ``num_gated`` (a count), ``tau`` and the variances. To
+        aggregate several calls exactly, use :func:`eopd_loss_sums` and :func:`reduce_metric_sums`.
     Raises:
         ValueError: mismatched shapes or vocab shards, unknown options, k > vocabulary, NaN in the inputs
         (the message names the tensor and the position), a TP group that does not divide the vocabulary.

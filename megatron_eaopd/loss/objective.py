@@ -21,15 +21,11 @@ from typing import Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from megatron_eaopd.loss.eopd import (
-    METRIC_DENOMINATORS,
-    METRIC_KEYS,
-    EOPDConfig,
-    TeacherSignals,
-    eopd_loss_sums,
-    reduce_metric_sums,
-    teacher_signals,
-)
+from megatron_eaopd.loss.config import EOPDConfig
+from megatron_eaopd.loss.eopd import eopd_loss_sums
+from megatron_eaopd.loss.metrics import METRIC_DENOMINATORS, METRIC_KEYS, reduce_metric_sums
+from megatron_eaopd.loss.quantile import global_quantile
+from megatron_eaopd.loss.signals import TeacherSignals, teacher_signals
 from megatron_eaopd.loss.vocab_parallel import vocab_parallel_log_probs
 
 __all__ = ["TeacherPayload", "Objective", "EOPDObjective", "OBJECTIVES", "build_objective"]
@@ -108,12 +104,49 @@ class EOPDObjective:
         return eopd_loss_sums(student_logits, teacher, old_log_probs, loss_mask, self.cfg, group=group)
 
     def reduce(self, sums: Mapping[str, float]) -> dict[str, float]:
-        """See :func:`megatron_eaopd.loss.reduce_metric_sums` (token means; ``fkl_gated`` over gated tokens)."""
+        """See :func:`megatron_eaopd.loss.reduce_metric_sums` (token means; ``fkl_gated`` over gated tokens;
+        ``tau`` the threshold used; advantage variances)."""
         return reduce_metric_sums(sums, METRIC_DENOMINATORS)
 
     def for_iteration(self, teacher, micro_batches: Sequence, *, dp_group=None) -> "EOPDObjective":
-        """Nothing depends on the iteration's batch with these settings: the objective itself."""
-        return self
+        """The objective of one iteration: itself, or with ``tau_quantile`` set, a copy whose ``tau`` is the
+        q-quantile of the teacher's entropy over every valid token of the global batch.
+
+        Collective over ``dp_group`` when ``tau_quantile`` is set: each rank takes the entropies of its
+        micro-batches' valid tokens (``teacher.for_micro_batch(mb).entropy[mb.loss_mask]``), the DP group
+        gathers them all (:func:`~megatron_eaopd.loss.quantile.global_quantile`: exact, linear
+        interpolation, float64) and every rank gets the same tau, computed before the update; so the
+        loss does not depend on how the batch is split into micro-batches and DP ranks. TP peers hold
+        the same entropies and reach the same tau over their own DP groups. With the ``"logits"``
+        payload (mode full) each ``for_micro_batch`` runs the teacher's forward: the quantile costs one
+        extra teacher forward per micro-batch. The reduced metrics report the tau used (``"tau"``).
+
+        Args:
+            teacher: the teacher phase's output (``for_micro_batch(mb) -> TeacherSignals``; a KeyError
+                on the first micro-batch means this rank holds no signals, e.g. a pipeline stage before
+                the last, which computes no loss: the objective is returned unchanged, no collective).
+            micro_batches: this rank's micro-batches (``.loss_mask`` ``[mb, S]``).
+            dp_group: the data-parallel group (None: the whole world when distributed, else this process).
+        Returns:
+            an :class:`EOPDObjective` (``tau`` unchanged when the global batch has no valid token).
+        """
+        q = self.cfg.tau_quantile
+        if q is None:
+            return self
+        local = []
+        for i, mb in enumerate(micro_batches):
+            try:
+                sig = teacher.for_micro_batch(mb)
+            except KeyError:
+                if i == 0:
+                    return self  # no teacher signals on this rank (not the last pipeline stage)
+                raise
+            local.append(sig.entropy[mb.loss_mask.to(sig.entropy.device).bool()].detach().double().cpu())
+        values = torch.cat(local) if local else torch.zeros(0, dtype=torch.float64)
+        tau = global_quantile(values, q, group=dp_group)
+        if tau is None:
+            return self
+        return EOPDObjective(self.cfg.with_tau(max(tau, 0.0)))  # entropies are >= 0 (fp32 rounding aside)
 
 
 #: Objective name -> class taking the loss configuration.

@@ -1,0 +1,421 @@
+"""The objective variants beyond the paper (rkl_baseline, hard_ge / sigmoid gates, tau_quantile), their
+metrics, the ablation recipes and the plot command.
+
+Values and gradients are checked against the independent float64 reference (tests/objectives_reference.py)
+at TP = 1 in-process and TP = 2 / 4 under torchrun (tests/scripts/objectives_tp.py, which also checks DP
+invariance of the quantile with the world as the DP group). Tolerances: values 1e-6 relative; fp32
+gradients 2e-6 relative to their largest entry (the sigmoid gate multiplies the fp32 entropy's ~1e-7
+error by its slope 1 / (4 s)); bf16 gradients 5e-3 (bf16 unit roundoff 3.9e-3); reduced metrics 2e-5
+absolute (the advantage variance is E[A^2] - E[A]^2 of fp32 log-probs down to -40 nats); the
+teacher's rest mass (``rest_log_prob``) 1e-6 relative in log space, down to masses of 1e-17.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import loss_reference as ref
+import objectives_reference as oref
+from megatron_eaopd.config import load_config
+from megatron_eaopd.loss import (
+    DERIVED_METRICS,
+    GATES,
+    METRIC_DENOMINATORS,
+    METRIC_KEYS,
+    EOPDConfig,
+    build_objective,
+    eopd_loss,
+    eopd_loss_sums,
+    reduce_metric_sums,
+    teacher_signals,
+)
+from megatron_eaopd.loss.quantile import exact_quantile
+from megatron_eaopd.loss.topk_kl import topk_reverse_kl
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = {"torch.float32": (1e-6, 2e-6), "torch.bfloat16": (1e-6, 5e-3)}
+METRIC_TOL = 2e-5
+
+
+def _assert_records(records):
+    bad = []
+    for r in records:
+        tv, tg = TOL[r["dtype"]]
+        if r.get("kind") == "metric":
+            tv = METRIC_TOL
+        if not (r["err"] <= tv and r["gerr"] <= tg):
+            bad.append(r)
+    assert not bad, "checks beyond tolerance:\n" + "\n".join(map(str, bad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tp1_variants_against_fp64_reference(dtype):
+    import objectives_tp
+
+    recs = [dict(dtype=str(dtype), **r) for r in objectives_tp.run_checks(0, 1, dtype)]
+    assert len(recs) == len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS)) + 2  # + 2 rest-mass checks
+    _assert_records(recs)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_variants_tensor_and_data_parallel(torchrun, tp):
+    import objectives_tp
+
+    results = torchrun("objectives_tp.py", tp)
+    n_variant = len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS)) + 2
+    for rank, recs in results.items():
+        assert len(recs) == 2 * n_variant + 2, (rank, len(recs))  # fp32 + bf16 variants, 2 DP checks
+        _assert_records(recs)
+        assert sum(r["check"].startswith("dp_") for r in recs) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The baseline leaves the expected gradient unchanged: exact enumeration over a tiny vocabulary
+# ---------------------------------------------------------------------------------------------
+def _enumerate(student, teacher, old_logits, cfg):
+    """sum_y pi_old(y) * grad_logits l(y) over every token y of the vocabulary, per row (float64), and the
+    per-y gradients. Each row is its own state s_t; the loss is a sum over rows, so the gradient of row t
+    depends only on that row's own sampled token."""
+    rows, _, v = student.shape
+    p_old = torch.softmax(old_logits.double(), -1)
+    total = torch.zeros(student.shape, dtype=torch.float64)
+    per_y = []
+    for y in range(v):
+        target = torch.full((rows, 1), y)
+        sig = teacher_signals(teacher, target, cfg)
+        old = torch.log_softmax(old_logits, -1)[..., y]
+        x = student.clone().requires_grad_(True)
+        loss, _, _ = eopd_loss(x, sig, old, torch.ones(rows, 1), cfg)
+        loss.backward()
+        total += p_old[..., y:y + 1] * x.grad.double()
+        per_y.append(x.grad.double())
+    return total, per_y
+
+
+@pytest.mark.parametrize("top_k", [3, 7])
+def test_baseline_keeps_the_expected_gradient_by_enumeration(top_k):
+    v, rows = 7, 5
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(rows, 1, v, generator=g) * 1.5
+    teacher = torch.randn(rows, 1, v, generator=g) * 2.0
+    cfgs = {b: EOPDConfig(top_k=top_k, alpha=0.0, rkl_baseline=b) for b in ("none", "kl")}
+    # on-policy (pi_old = pi_theta: every ratio is 1, nothing clipped)
+    e_none, per_none = _enumerate(student, teacher, student, cfgs["none"])
+    e_kl, per_kl = _enumerate(student, teacher, student, cfgs["kl"])
+    scale = float(e_none.abs().max())
+    assert float((e_kl - e_none).abs().max()) <= 2e-6 * scale
+    # ... while the per-token gradients themselves differ (the enumeration can see a change)
+    assert max(float((a - b).abs().max()) for a, b in zip(per_none, per_kl)) > 0.05 * scale
+    # both equal the exact gradient of KL(pi_theta || pi_T) (float64 reference): the estimator is unbiased
+    xr = student.double().requires_grad_(True)
+    ref.kl(xr, teacher.double()).sum().backward()
+    assert float((e_kl - xr.grad).abs().max()) <= 2e-6 * scale
+    # with K = the whole vocabulary the baseline is the exact KL: the baselined advantage has mean zero
+    if top_k == v:
+        lps, lpt = torch.log_softmax(student.double(), -1), torch.log_softmax(teacher.double(), -1)
+        sig = teacher_signals(teacher, torch.zeros(rows, 1, dtype=torch.long), cfgs["kl"])
+        s_k = torch.log_softmax(student, -1).gather(-1, sig.topk_ids)
+        kl_b = topk_reverse_kl(sig.topk_log_probs.reshape(-1, v), s_k.reshape(-1, v)).view(rows, 1)
+        mean_adv = (lps.exp() * (lpt - lps)).sum(-1) + kl_b
+        assert float(mean_adv.abs().max()) < 1e-6
+        torch.testing.assert_close(kl_b, ref.kl(student, teacher), atol=1e-6, rtol=0)
+    # off-policy within the clip range (the ratios pi_theta / pi_old stay in [0.8, 1.2]): still unchanged
+    old_logits = student + 0.03 * torch.randn(rows, 1, v, generator=g)
+    ratio = torch.softmax(student, -1) / torch.softmax(old_logits, -1)
+    assert float(ratio.min()) > 0.8 and float(ratio.max()) < 1.2
+    e_none, _ = _enumerate(student, teacher, old_logits, cfgs["none"])
+    e_kl, _ = _enumerate(student, teacher, old_logits, cfgs["kl"])
+    assert float((e_kl - e_none).abs().max()) <= 2e-6 * float(e_none.abs().max())
+    # where PPO's clip is active, which tokens it clips depends on the sign of the advantage, so the
+    # expectation may change with any baseline (as in every PPO baseline); the enumeration shows it
+    far = student + 1.0 * torch.randn(rows, 1, v, generator=g)
+    e_none, _ = _enumerate(student, teacher, far, cfgs["none"])
+    e_kl, _ = _enumerate(student, teacher, far, cfgs["kl"])
+    assert float((e_kl - e_none).abs().max()) > 1e-3 * float(e_none.abs().max())
+
+
+# ---------------------------------------------------------------------------------------------
+# Micro-batch invariance (1x8, 2x4, 8x1), including the per-iteration quantile threshold
+# ---------------------------------------------------------------------------------------------
+class _Teacher:
+    def __init__(self, sig):
+        self.sig = sig
+
+    def for_micro_batch(self, mb):
+        return self.sig.select(mb.rows)
+
+
+class _MB:
+    def __init__(self, index, rows, loss_mask):
+        self.index, self.rows, self.loss_mask = index, rows, loss_mask
+
+
+def _batch(b=8, s=5, v=48, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 5.0, b * s).view(b, s, 1)
+    student = torch.randn(b, s, v, generator=g) * 2
+    teacher = torch.randn(b, s, v, generator=g) * scale
+    target = torch.randint(0, v, (b, s), generator=g)
+    old = torch.log_softmax(student + 0.1 * torch.randn(b, s, v, generator=g), -1).gather(-1, target[..., None])[..., 0]
+    mask = torch.ones(b, s)
+    mask[:, 0] = 0
+    mask[2, :] = 0
+    mask[5, 1:] = 0
+    return student, teacher, target, old, mask
+
+
+@pytest.mark.parametrize("variant", [
+    dict(rkl_baseline="kl", tau_quantile=0.6),
+    dict(gate="sigmoid", gate_sharpness=0.2, tau_quantile=0.3, fkl_support="tail"),
+    dict(gate="hard_ge", rkl_baseline="kl", fkl_support="raw"),
+    dict(mode="full", tau_quantile=0.5, rkl_baseline="kl", gate="sigmoid"),
+], ids=["baseline+quantile", "sigmoid+quantile+tail", "hard_ge+baseline", "full+quantile+sigmoid"])
+def test_micro_batch_invariance_of_the_variants(variant):
+    student, teacher, target, old, mask = _batch()
+    obj = build_objective(EOPDConfig(top_k=8, tau=1.0, **variant))
+    sig = obj.teacher_signals(teacher, target)
+    results = []
+    for n_micro in (1, 2, 8):
+        rows = [slice(int(c[0]), int(c[-1]) + 1) for c in torch.arange(8).chunk(n_micro)]
+        mbs = [_MB(i, r, mask[r].bool()) for i, r in enumerate(rows)]
+        it_obj = obj.for_iteration(_Teacher(sig), mbs)
+        x = student.clone().requires_grad_(True)
+        losses, sums = [], {}
+        for mb in mbs:
+            ls, _, s = it_obj.loss(x[mb.rows], sig.select(mb.rows), old[mb.rows], mask[mb.rows])
+            losses.append(ls)
+            sums = {k: sums.get(k, 0.0) + v for k, v in s.items()}
+        metrics = it_obj.reduce(sums)
+        (torch.stack(losses).sum() / metrics["num_tokens"]).backward()
+        results.append((metrics, x.grad.clone()))
+    m0, g0 = results[0]
+    if "tau_quantile" in variant:
+        expected = oref.quantile(sig.entropy.double(), mask, variant["tau_quantile"])
+        assert float(m0["tau"]) == pytest.approx(expected, abs=1e-6) and abs(expected - 1.0) > 0.05
+    else:
+        assert float(m0["tau"]) == 1.0
+    for m, grad in results[1:]:
+        for k in ("loss", "tau", "gate_fraction", "advantage_var", "advantage_var_baselined", "baseline_kl",
+                  "fkl_gated", "student_high_entropy_fraction"):
+            assert float(m[k]) == pytest.approx(float(m0[k]), rel=1e-6, abs=1e-7), k
+        torch.testing.assert_close(grad, g0, rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Identities
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["topk", "full"])
+def test_teacher_equals_student_zero_loss_and_gradient_with_baseline_and_tail(mode):
+    student, _, target, _, mask = _batch(seed=10)
+    old = torch.log_softmax(student, -1).gather(-1, target[..., None])[..., 0]  # on-policy
+    cfg = EOPDConfig(mode=mode, top_k=8, tau=0.0, rkl_baseline="kl", fkl_support="tail")
+    x = student.clone().requires_grad_(True)
+    loss, n, m = eopd_loss(x, teacher_signals(student, target, cfg), old, mask, cfg)
+    loss.backward()
+    assert float(m["gate_fraction"]) == 1.0  # tau = 0: every token carries the forward KL
+    assert abs(float(loss)) < 1e-6 * float(n) and float(x.grad.abs().max()) < 1e-6
+    assert abs(float(m["fkl_term"])) < 1e-6 and abs(float(m["baseline_kl"])) < 1e-6
+    assert float(m["advantage_var"]) < 1e-10 and float(m["advantage_var_baselined"]) < 1e-10
+
+
+def test_renormalize_is_not_zero_at_self_distillation_tail_is():
+    # the paper's renormalised support: with student == teacher its term is -log M_t (M_t the teacher's
+    # top-k mass) and it pushes mass into the top-k; tail is a true divergence
+    student, _, target, _, mask = _batch(seed=11)
+    student = student * 0.5  # high entropy: the top-8 of 48 holds little of the mass
+    old = torch.log_softmax(student, -1).gather(-1, target[..., None])[..., 0]
+    terms, grads = {}, {}
+    for support in ("renormalize", "tail"):
+        cfg = EOPDConfig(top_k=8, tau=0.0, fkl_support=support)
+        x = student.clone().requires_grad_(True)
+        loss, _, m = eopd_loss(x, teacher_signals(student, target, cfg), old, mask, cfg)
+        loss.backward()
+        terms[support], grads[support] = float(m["fkl_term"]), float(x.grad.abs().max())
+    top_mass = torch.softmax(student.double(), -1).topk(8, -1).values.sum(-1)
+    expected = float((-torch.log(top_mass) * mask).sum() / mask.sum())
+    assert terms["renormalize"] == pytest.approx(expected, rel=1e-6) and expected > 0.5
+    assert abs(terms["tail"]) < 1e-6 and grads["tail"] < 1e-6 < 1e-2 < grads["renormalize"]
+
+
+def test_full_mode_baseline_changes_nothing():
+    student, teacher, target, old, mask = _batch(seed=12)
+    out = []
+    for b in ("none", "kl"):
+        cfg = EOPDConfig(mode="full", top_k=8, rkl_baseline=b)
+        x = student.clone().requires_grad_(True)
+        loss, _, m = eopd_loss(x, teacher_signals(teacher, target, cfg), old, mask, cfg)
+        loss.backward()
+        out.append((loss.detach(), x.grad, m))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    assert all(torch.equal(out[0][2][k], out[1][2][k]) for k in METRIC_KEYS)
+
+
+def test_gates():
+    h = torch.tensor([[0.0, 0.5, 0.8, 0.8000001, 1.2, 7.0]])
+    cfg = EOPDConfig(tau=0.8)
+    assert GATES["hard"](h, cfg).tolist() == [[0, 0, 0, 1, 1, 1]]
+    assert GATES["hard_ge"](h, cfg).tolist() == [[0, 0, 1, 1, 1, 1]]
+    for s in (1.0, 0.1):
+        w = GATES["sigmoid"](h, EOPDConfig(tau=0.8, gate="sigmoid", gate_sharpness=s))
+        np.testing.assert_allclose(w.double().numpy(), (1 / (1 + np.exp(-(h.double().numpy() - 0.8) / s))), rtol=1e-6)
+    # s -> 0: the hard gate away from tau, 0.5 at tau
+    w = GATES["sigmoid"](h, EOPDConfig(tau=0.8, gate="sigmoid", gate_sharpness=1e-9))
+    assert w.tolist() == [[0, 0, 0.5, 1, 1, 1]]
+    assert set(GATES) == {"hard", "hard_ge", "sigmoid"}
+
+
+def test_exact_quantile_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        x = torch.rand(n, generator=g) * 3
+        for q in (0.0, 0.1, 0.5, 0.83, 1.0):
+            assert exact_quantile(x, q) == pytest.approx(float(np.quantile(x.double().numpy(), q)), abs=1e-12)
+    assert exact_quantile(torch.zeros(0), 0.5) is None
+    with pytest.raises(ValueError, match="q must lie in"):
+        exact_quantile(x, 1.5)
+    with pytest.raises(ValueError, match="non-finite"):
+        exact_quantile(torch.tensor([1.0, float("nan")]), 0.5)
+
+
+def test_for_iteration():
+    student, teacher, target, old, mask = _batch(seed=13)
+    plain = build_objective(EOPDConfig(top_k=8))
+    assert plain.for_iteration(None, []) is plain  # nothing to compute: no teacher lookup at all
+    obj = build_objective(EOPDConfig(top_k=8, tau_quantile=0.5))
+    sig = obj.teacher_signals(teacher, target)
+    mbs = [_MB(0, slice(0, 4), mask[:4].bool()), _MB(1, slice(4, 8), mask[4:].bool())]
+
+    class NoSignals:  # a pipeline stage before the last holds none
+        def for_micro_batch(self, mb):
+            raise KeyError(mb.index)
+
+    assert obj.for_iteration(NoSignals(), mbs) is obj
+
+    class Partial(_Teacher):
+        def for_micro_batch(self, mb):
+            if mb.index == 1:
+                raise KeyError(1)
+            return super().for_micro_batch(mb)
+
+    with pytest.raises(KeyError):
+        obj.for_iteration(Partial(sig), mbs)
+    empty = [_MB(0, slice(0, 8), torch.zeros(8, 5, dtype=torch.bool))]
+    assert obj.for_iteration(_Teacher(sig), empty).cfg.tau == 0.8  # no valid token: tau unchanged
+    it = obj.for_iteration(_Teacher(sig), mbs)
+    assert it.cfg.tau == pytest.approx(oref.quantile(sig.entropy.double(), mask, 0.5), abs=1e-6)
+    _, _, sums = it.loss(student, sig, old, mask)
+    m = it.reduce(sums)
+    assert m["tau"] == pytest.approx(it.cfg.tau) and m["teacher_high_entropy_fraction"] == pytest.approx(0.5, abs=0.03)
+
+
+def test_metric_tables_are_consistent():
+    student, teacher, target, old, mask = _batch(seed=14)
+    cfg = EOPDConfig(top_k=8)
+    _, _, sums = eopd_loss_sums(student, teacher_signals(teacher, target, cfg), old, mask, cfg)
+    assert set(sums) == set(METRIC_DENOMINATORS)
+    assert not set(DERIVED_METRICS) & set(METRIC_DENOMINATORS)
+    assert set(METRIC_KEYS) <= set(METRIC_DENOMINATORS) | set(DERIVED_METRICS)
+    assert all(v.dtype == torch.float64 and v.dim() == 0 for v in sums.values())
+    # sums of two calls reduce to the global values; the tau of both calls is reported once
+    two = {k: 2 * v for k, v in sums.items()}
+    one, both = reduce_metric_sums(sums), reduce_metric_sums(two)
+    assert all(float(both[k]) == pytest.approx(float(one[k]), rel=1e-12) for k in METRIC_KEYS if k != "num_gated")
+    assert float(both["tau"]) == 0.8 and float(both["micro_batches"]) == 2.0
+    # plain floats (what the trainer's all-reduce gives) reduce the same way
+    floats = reduce_metric_sums({k: float(v) for k, v in sums.items()})
+    assert floats["advantage_var"] == pytest.approx(float(one["advantage_var"]), rel=1e-12)
+
+
+def test_new_settings_are_validated():
+    with pytest.raises(ValueError, match=r"gate 'soft' is not one of \['hard', 'hard_ge', 'sigmoid'\]"):
+        EOPDConfig(gate="soft")
+    with pytest.raises(ValueError, match=r"gate_sharpness\n  Input should be greater than 0"):
+        EOPDConfig(gate="sigmoid", gate_sharpness=0)
+    with pytest.raises(ValueError, match=r"tau_quantile\n  Input should be less than 1"):
+        EOPDConfig(tau_quantile=1.0)
+    with pytest.raises(ValueError, match=r"tau_quantile\n  Input should be greater than 0"):
+        EOPDConfig(tau_quantile=0)
+    with pytest.raises(ValueError, match=r"rkl_baseline\n  Input should be 'none' or 'kl'"):
+        EOPDConfig(rkl_baseline="vopd")
+    d = EOPDConfig()
+    assert (d.gate, d.rkl_baseline, d.tau_quantile, d.fkl_support, d.tau) == ("hard", "none", None, "renormalize", 0.8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and the plot command
+# ---------------------------------------------------------------------------------------------
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("rkl_baseline", {"loss.rkl_baseline": "kl"}),
+    ("sigmoid_gate", {"loss.gate": "sigmoid", "loss.gate_sharpness": 0.1}),
+    ("quantile_gate", {"loss.tau_quantile": 0.8}),
+])
+def test_ablation_recipes_differ_from_the_paper_recipe_only_in_their_keys(name, keys):
+    paper = _flat(load_config(ROOT / "recipes" / "qwen3_1.7b.yaml").model_dump(mode="json"))
+    abl = _flat(load_config(ROOT / "recipes" / f"qwen3_1.7b_{name}.yaml").model_dump(mode="json"))
+    diff = {k for k in paper if paper[k] != abl[k]}
+    assert diff - {"logging.run_dir"} == {k for k, v in keys.items() if paper[k] != v}
+    assert all(abl[k] == v for k, v in keys.items())
+    assert abl["logging.run_dir"] == f"runs/qwen3_1.7b_{name}"
+
+
+def _write_run(path: Path, n: int, seed: int, extra: str = "") -> None:
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    lines = []
+    for i in range(1, n + 1):
+        rec = {"iteration": i, "loss": 3.0 / i, "teacher_entropy": 0.6, "student_entropy": 1.5 - 0.02 * i,
+               "gate_fraction": 0.2 + 0.01 * rng.standard_normal(), "fkl_gated": 2.0 / i, "rollout_accuracy": 0.1 * i,
+               "advantage_var": 4.0, "advantage_var_baselined": 2.5, "tau": float("nan") if i == 2 else 0.8}
+        lines.append(json.dumps(rec))
+    path.joinpath("metrics.jsonl").write_text("\n".join(lines) + "\n" + extra)
+
+
+def test_plot_command_draws_runs_side_by_side(tmp_path):
+    from megatron_eaopd.cli.plot import main, plot_runs  # matplotlib: the plot extra, part of the dev install
+
+    _write_run(tmp_path / "opd", 12, 0)
+    _write_run(tmp_path / "eopd", 9, 1, extra='{"iteration": 10, "lo')  # a run still writing its last line
+    out = tmp_path / "figs" / "cmp.png"
+    drawn = plot_runs([tmp_path / "opd", tmp_path / "eopd" / "metrics.jsonl"], out,
+                      panels=["entropy", "gate_fraction", "fkl_gated", "reward", "advantage_var", "tau"])
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert drawn == {
+        "mean entropy (nats)": ["opd teacher", "opd student", "eopd teacher", "eopd student"],
+        "gate fraction": ["opd", "eopd"], "forward KL on gated tokens (nats)": ["opd", "eopd"],
+        "rollout accuracy (reward)": ["opd", "eopd"],
+        "sampled-token advantage variance": ["opd no baseline", "opd baselined", "eopd no baseline", "eopd baselined"],
+        "tau": ["opd", "eopd"],
+    }
+    assert not list(out.parent.glob(".*tmp*"))
+    # the command line, a single run, default panels
+    assert main([str(tmp_path / "opd"), "--out", str(tmp_path / "one.png"), "--smooth", "3"]) == 0
+    assert (tmp_path / "one.png").stat().st_size > 10_000
+    # errors: a panel no run has, a missing run; nothing written
+    assert main([str(tmp_path / "opd"), "--out", str(tmp_path / "bad.png"), "--panels", "fkl_gatd"]) == 1
+    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "bad.png")]) == 1
+    assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(ValueError, match="no run has data for panel 'fkl_gatd'.*keys in these runs: .*fkl_gated"):
+        plot_runs([tmp_path / "opd"], tmp_path / "bad.png", panels=["fkl_gatd"])
+    p = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "eopd"), "--out",
+                        str(tmp_path / "tool.png")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and (tmp_path / "tool.png").exists(), p.stderr
+    assert "last line incomplete" in p.stderr
+
