@@ -203,7 +203,7 @@ class Teacher:
                     payload[tmb.index] = {"hidden": _host(out)}
                 return
             sig = self.objective.teacher_signals(out, tmb.targets, group=g.tp_group)  # collective over teacher TP
-            fields_ = {k: getattr(sig, k) for k in _SIGNAL_FIELDS}
+            fields_ = {k: v for k in _SIGNAL_FIELDS if (v := getattr(sig, k)) is not None}  # optional ones may be None
             shapes.update({k: (tuple(v.shape[2:]), v.dtype) for k, v in fields_.items()})
             if tmb.index in keep:
                 payload[tmb.index] = fields_
