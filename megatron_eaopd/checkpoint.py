@@ -149,12 +149,16 @@ def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     return out
 
 
-def model_sharded_state_dict(model_chunks: list) -> dict:
+def model_sharded_state_dict(model_chunks: list, metadata: dict | None = None) -> dict:
     """``{"model": sd}`` (one chunk) or ``{"model0": sd0, "model1": ...}`` (virtual pipeline), as
-    Megatron-LM names them. DDP / Float16Module wrappers are unwrapped."""
+    Megatron-LM names them. DDP / Float16Module wrappers are unwrapped.
+
+    ``metadata``: passed to ``sharded_state_dict``; a model on its own process groups (a teacher in its own
+    layout) needs ``{"dp_cp_group": <its DP x CP group>}``, or megatron-core numbers its replicas with the
+    global DP group and skips shards."""
     if len(model_chunks) == 1:
-        return {"model": unwrap(model_chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model_chunks)}
+        return {"model": unwrap(model_chunks[0]).sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": unwrap(m).sharded_state_dict(metadata=metadata) for i, m in enumerate(model_chunks)}
 
 
 def _key_list(keys: list[str]) -> str:
@@ -305,6 +309,7 @@ def load_checkpoint(
     iteration: int | None = None,
     extra_sharded: dict | None = None,
     strict: bool = True,
+    metadata: dict | None = None,
 ) -> tuple[int, dict, dict]:
     """Load a checkpoint into ``model_chunks`` at the current TP/PP (resharding as needed).
 
@@ -317,6 +322,7 @@ def load_checkpoint(
         strict: fail on weights missing from the checkpoint or unknown to the model; module extra state
             (``*._extra_state``, which megatron-core leaves out of some TE modules' sharded state) may
             always be absent (:func:`load_model_state`).
+        metadata: sharded-state-dict metadata (see :func:`model_sharded_state_dict`).
     Returns:
         ``(iteration, common, loaded_extra)``: ``common`` is what ``extra_common`` was at save time,
         ``loaded_extra`` maps each ``extra_sharded`` key to its loaded state.
@@ -336,7 +342,7 @@ def load_checkpoint(
                 f"checkpoint {d} holds a {meta.get('architecture')} with vocab {meta['true_vocab_size']}, but the model is a "
                 f"{info.architecture} with vocab {info.true_vocab_size}; build the model from {d / ASSETS_DIR}"
             )
-    state = model_sharded_state_dict(model_chunks)
+    state = model_sharded_state_dict(model_chunks, metadata)
     for k, v in (extra_sharded or {}).items():
         state[k] = v
     loaded = dist_checkpointing.load(state, str(d))

@@ -97,27 +97,38 @@ def is_first_stage() -> bool:
 
 
 @torch.no_grad()
-def forward_only(model_chunks: list, micro_batches: list[MicroBatch], on_logits: Callable[[MicroBatch, torch.Tensor], None]) -> None:
+def forward_only(model_chunks: list, micro_batches: list[MicroBatch], on_logits: Callable[[MicroBatch, torch.Tensor], None],
+                 *, pg_collection=None, output_processor: Callable | None = None) -> None:
     """Run ``model_chunks`` forward on every micro-batch through Megatron's pipeline schedule.
 
     Args:
         model_chunks: one model chunk (possibly DDP-wrapped), built for the current TP/PP.
         micro_batches: equal-shape micro-batches (:func:`split_micro_batches`).
-        on_logits: called on the LAST pipeline stage with each micro-batch and its logits
-            ``[mb, S-1, V_local]`` (vocab-parallel, model dtype); not called on other stages.
-    Source: ``get_forward_backward_func()(..., forward_only=True)`` as Megatron-LM's evaluation loop uses it.
+        on_logits: called on the LAST pipeline stage with each micro-batch and its output: logits
+            ``[mb, S-1, V_local]`` (vocab-parallel, model dtype), or what ``output_processor`` returns;
+            not called on other stages.
+        pg_collection: the model's own ``ProcessGroupCollection`` (a teacher in its own layout): the
+            schedule then runs over its PP group (pipeline size, p2p ranks) instead of the global
+            ``parallel_state``. None: the global state.
+        output_processor: passed to ``GPTModel.forward`` (megatron-core's hook that receives the final
+            hidden states and the output layer instead of computing logits), e.g. to return hidden states.
+    Source: ``get_forward_backward_func()(..., forward_only=True)`` as Megatron-LM's evaluation loop uses it;
+    with a collection, ``get_forward_backward_func(pp_size=...)`` and an explicit ``P2PCommunicator``.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+    from megatron.core.utils import get_model_config
 
     if not micro_batches:
         return
     for m in model_chunks:
         m.eval()
     it = iter(micro_batches)
+    extra = {} if output_processor is None else {"output_processor": output_processor}
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(mb.inputs, mb.position_ids, None)
+        out = model(mb.inputs, mb.position_ids, None, **extra)
 
         def loss_func(logits):
             on_logits(mb, logits)
@@ -126,7 +137,13 @@ def forward_only(model_chunks: list, micro_batches: list[MicroBatch], on_logits:
         return out, loss_func
 
     mb0 = micro_batches[0]
-    get_forward_backward_func()(
-        forward_step_func=step, data_iterator=it, model=model_chunks, num_microbatches=len(micro_batches),
-        seq_length=mb0.inputs.shape[1], micro_batch_size=mb0.inputs.shape[0], forward_only=True,
-    )
+    kw = dict(forward_step_func=step, data_iterator=it, model=model_chunks, num_microbatches=len(micro_batches),
+              seq_length=mb0.inputs.shape[1], micro_batch_size=mb0.inputs.shape[0], forward_only=True)
+    if pg_collection is None:
+        get_forward_backward_func()(**kw)
+        return
+    pp = pg_collection.pp.size()
+    fb = get_forward_backward_func(pp_size=pp, vp_size=None)
+    if pp > 1:
+        kw["p2p_communicator"] = P2PCommunicator(pg_collection.pp, get_model_config(model_chunks[0]))
+    fb(**kw, pg_collection=pg_collection)

@@ -28,8 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from transformers import AutoTokenizer
 
-from megatron_eaopd.checkpoint import load_checkpoint
-from megatron_eaopd.config import Config, ConfigError, resolve_layout, write_resolved_config
+from megatron_eaopd.config import Config, ConfigError, check_model_split, resolve_layout, write_resolved_config
 from megatron_eaopd.data import PromptDataset, PromptLoader, load_records, write_skipped_prompts
 from megatron_eaopd.distributed import (
     all_reduce_scalars,
@@ -44,8 +43,7 @@ from megatron_eaopd.evaluation.validation import run_validation
 from megatron_eaopd.logger import MetricsLogger
 from megatron_eaopd.loss import build_objective
 from megatron_eaopd.models.backend import te_available
-from megatron_eaopd.models.convert import load_hf_weights
-from megatron_eaopd.models.provider import build_gpt_model
+from megatron_eaopd.models.hf import load_hf_config
 from megatron_eaopd.models.sources import resolve_model_source
 from megatron_eaopd.phases import (
     counts_once,
@@ -60,7 +58,7 @@ from megatron_eaopd.prompts import PromptFormat
 from megatron_eaopd.rollout import stop_token_ids
 from megatron_eaopd.rollout.factory import make_engine
 from megatron_eaopd.student import build_student
-from megatron_eaopd.teacher import Teacher
+from megatron_eaopd.teacher.build import build_teacher, shared_vocab_size
 from megatron_eaopd.train_state import resume_train_state, save_train_state
 
 __all__ = ["Trainer", "train"]
@@ -125,13 +123,19 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_resolved_config(cfg, self.run_dir, layout)
         self._build_tokenizer_and_data()
-        overrides = {"sequence_parallel": layout.sequence_parallel}
+        self._check_model_splits()
         self.student = build_student(str(self.sources["student"].assets), params_dtype=model_dtype(cfg.student.dtype),
                                      opt_cfg=cfg.optimizer, total_steps=self.total_iterations * cfg.train.mini_batches,
-                                     use_distributed_optimizer=layout.use_distributed_optimizer, **overrides)
+                                     use_distributed_optimizer=layout.use_distributed_optimizer,
+                                     sequence_parallel=layout.sequence_parallel)
         info = self.student.info
-        self.objective = build_objective(cfg.loss.with_vocab_size(cfg.loss.vocab_size or info.true_vocab_size))
-        self.teacher = self._build_teacher(overrides)
+        self.vocab_size = self._shared_vocab_size()
+        self.objective = build_objective(cfg.loss.with_vocab_size(self.vocab_size))
+        tsrc = self.sources["teacher"]
+        self.teacher = build_teacher(tsrc, str(tsrc.assets), self.objective, tp=layout.teacher_tp, pp=layout.teacher_pp,
+                                     params_dtype=model_dtype(cfg.teacher.dtype), student_info=info,
+                                     sequence_parallel=layout.teacher_sequence_parallel,
+                                     seq_multiple=layout.teacher_seq_multiple, offload=cfg.teacher.offload)
         self.start_iteration = resume_train_state(self.ckpt_dir, self.student, self.loader, cfg.checkpoint.resume)
         if self.start_iteration is None:
             self.start_iteration = 0
@@ -139,7 +143,8 @@ class Trainer:
             self.student.load_weights(**({"checkpoint": str(src.path)} if src.kind == "megatron" else {"hf_path": str(src.path)}))
         self.stop_ids = stop_token_ids(self.tokenizer, info.eos_token_ids, cfg.data.chat_template)
         self.engine = make_engine(self.student.chunks, self.tokenizer, stop_ids=self.stop_ids, kind=cfg.rollout.engine,
-                                  max_batch_size=cfg.rollout.max_batch_size, kv_buffer_gb=cfg.rollout.kv_buffer_gb)
+                                  max_batch_size=cfg.rollout.max_batch_size, kv_buffer_gb=cfg.rollout.kv_buffer_gb,
+                                  true_vocab_size=self.vocab_size)
         self.preemption = _Preemption()
         self.logger = MetricsLogger(
             self.run_dir, self.total_iterations, self.start_iteration, jsonl=cfg.logging.jsonl,
@@ -149,8 +154,10 @@ class Trainer:
         )
         self._grader = None
         print_rank0(
-            f"[eopd] world={layout.world_size} TP={layout.tp} PP={layout.pp} DP={layout.dp} | student {info.architecture} "
-            f"{self.student.num_params / 1e6:.1f}M params, vocab {info.true_vocab_size} (padded {info.padded_vocab_size}) | "
+            f"[eopd] world={layout.world_size} TP={layout.tp} PP={layout.pp} DP={layout.dp} | teacher TP={layout.teacher_tp} "
+            f"PP={layout.teacher_pp} DP={layout.teacher_dp}{'' if layout.same_teacher_layout else ' (own groups)'} | "
+            f"student {info.architecture} {self.student.num_params / 1e6:.1f}M params, vocab {info.true_vocab_size} "
+            f"(padded {info.padded_vocab_size}; compared over {self.vocab_size}) | "
             f"{len(self.dataset)} prompts ({self.dataset.num_skipped} skipped as longer than {cfg.data.max_prompt_tokens} "
             f"tokens) | {self.engine.kind} rollout engine, stop ids {list(self.stop_ids)} | {self.total_iterations} "
             f"iterations x {cfg.train.mini_batches} optimizer steps | run dir {self.run_dir}"
@@ -194,23 +201,28 @@ class Trainer:
         if is_rank0():
             write_skipped_prompts(self.dataset, self.run_dir)
 
-    def _build_teacher(self, overrides: dict) -> Teacher:
-        cfg, info = self.cfg, self.student.info
+    def _check_model_splits(self) -> None:
+        """Each model's heads / KV groups / layers against its TP / PP (clear errors before anything is built)."""
+        layout = self.layout
+        for role, tp, pp in (("student", layout.tp, layout.pp), ("teacher", layout.teacher_tp, layout.teacher_pp)):
+            c = load_hf_config(str(self.sources[role].assets))
+            heads = int(c.num_attention_heads)
+            check_model_split(role, heads, int(getattr(c, "num_key_value_heads", None) or heads),
+                              int(c.num_hidden_layers), tp, pp)
+
+    def _shared_vocab_size(self) -> int:
+        """The vocabulary the objective and the sampler use (:func:`megatron_eaopd.teacher.build.shared_vocab_size`):
+        the student's rows when both logit widths are equal, else the shared tokenizer's size."""
         src = self.sources["teacher"]
-        chunks, tinfo = build_gpt_model(str(src.assets), params_dtype=model_dtype(cfg.teacher.dtype),
-                                        perform_initialization=False, **overrides)
-        if tinfo.true_vocab_size != info.true_vocab_size or tinfo.padded_vocab_size != info.padded_vocab_size:
-            raise ConfigError(
-                f"config error at teacher: the teacher's output layer has {tinfo.true_vocab_size} rows (padded "
-                f"{tinfo.padded_vocab_size}) and the student's {info.true_vocab_size} (padded {info.padded_vocab_size}); "
-                f"EOPD compares the two distributions token by token, so they must have the same vocabulary size "
-                f"(same tokenizer and the same logit width)"
-            )
-        if src.kind == "megatron":
-            load_checkpoint(src.path, chunks)
-        else:
-            load_hf_weights(chunks, src.path, progress=False)
-        return Teacher(chunks, self.objective, offload=cfg.teacher.offload)
+        teacher_rows = int(load_hf_config(str(src.assets)).vocab_size)
+        try:
+            teacher_tok = AutoTokenizer.from_pretrained(str(src.assets))
+        except (OSError, ValueError):  # no tokenizer files beside the teacher's weights
+            teacher_tok = None
+        added = set(self.tokenizer.get_added_vocab()) | (set(teacher_tok.get_added_vocab()) if teacher_tok else set())
+        return shared_vocab_size(self.student.info.true_vocab_size, teacher_rows, self.tokenizer.get_vocab(),
+                                 teacher_tok.get_vocab() if teacher_tok else None, override=self.cfg.loss.vocab_size,
+                                 added=added, names=(f"student ({self.tokenizer_source})", f"teacher ({src.assets})"))
 
     # ------------------------------------------------------------------------------------------
     # checkpoints

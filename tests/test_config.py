@@ -58,7 +58,6 @@ def test_defaults_are_the_papers():
         (["loss.tau=-0.1"], ["loss.tau", "greater than or equal to 0"]),
         (["train.mini_batches=3"], ["128", "not divisible by train.mini_batches = 3"]),
         (["train.micro_batch_size=5"], ["mini-batch of 32", "train.micro_batch_size = 5"]),
-        (["loss.mode=full", "parallel.teacher_tp=2"], ["loss.mode 'full' needs the teacher in the student's layout"]),
         (["loss.temperature=0.7"], ["loss.temperature (0.7) must equal rollout.temperature (1.0)"]),
         (["parallel.sequence_parallel=maybe"], ["parallel.sequence_parallel: 'maybe' is not one of ['auto', True, False]"]),
         (["parallel.tp=0"], ["parallel.tp", "greater than or equal to 1"]),
@@ -172,15 +171,21 @@ def test_every_recipe_validates(recipe):
         assert c.student.dtype == "fp32" and c.total_iterations() <= 20 and c.rollout.max_new_tokens <= 64
         assert lay.global_batch == 4 and c.data.problem_field == "question"
     else:
-        lay = c.resolve_runtime(world_size=8, cuda=True)  # one node of 8 GPUs
+        large = recipe.stem.endswith("_32b")  # a Qwen3-32B teacher in its own layout on 2 nodes of 8 GPUs
+        lay = c.resolve_runtime(world_size=16 if large else 8, cuda=True)
         assert lay.global_batch == 128 and lay.mini_batch == 32
         assert (c.rollout.temperature, c.rollout.top_p, c.rollout.max_new_tokens) == (1.0, 1.0, 4096)
         # the converted checkpoints carry their HF assets: no hub id needed at run time
-        assert c.optimizer.lr == 3e-6 and c.teacher.checkpoint == "checkpoints/mcore/Qwen3-8B"
+        assert c.optimizer.lr == 3e-6
+        assert c.teacher.checkpoint == ("checkpoints/mcore/Qwen3-32B" if large else "checkpoints/mcore/Qwen3-8B")
         assert c.teacher.hf_path is None and c.student.hf_path is None
         assert c.loss.alpha == (0.0 if recipe.stem.endswith("_opd") else 1.0)
+        if large:
+            assert (lay.tp, lay.dp, lay.teacher_tp, lay.teacher_pp, lay.teacher_dp) == (1, 16, 4, 1, 4)
+            assert lay.micro_batches_per_step == 2 and lay.teacher_sequence_parallel
 
 
 def test_recipes_present():
     names = {p.name for p in RECIPES}
-    assert {"qwen3_0.6b.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "qwen3_4b_opd.yaml", "demo_cpu.yaml"} <= names
+    assert {"qwen3_0.6b.yaml", "qwen3_1.7b.yaml", "qwen3_4b.yaml", "qwen3_4b_opd.yaml", "demo_cpu.yaml",
+            "qwen3_1.7b_32b.yaml"} <= names

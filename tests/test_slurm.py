@@ -171,6 +171,10 @@ def test_launcher_layout_mismatch(slurm_client):
     assert p.returncode == 0, p.stderr
     assert "student TP=2 PP=1 DP=8" in p.stdout and "world size 16" in p.stdout
     assert "train.iterations=3" in p.stdout
+    # the 32B -> 1.7B recipe on 2 nodes x 8 GPUs: student TP=1 x DP=16, the teacher in its own layout TP=4 x DP=4
+    p = launch(fake_job_env(nodes=2, tasks=8, gpus=8, CHECK_PATHS=0), "recipes/qwen3_1.7b_32b.yaml")
+    assert p.returncode == 0, p.stderr
+    assert "student TP=1 PP=1 DP=16; teacher TP=4 PP=1" in p.stdout
 
 
 def test_launcher_missing_checkpoints_and_bad_override(slurm_client):
@@ -277,7 +281,7 @@ def test_launcher_container_args(slurm_client):
 
 
 def test_sbatch_files_are_thin_and_consistent():
-    for name in ("qwen3_0.6b", "qwen3_1.7b", "qwen3_4b"):
+    for name in ("qwen3_0.6b", "qwen3_1.7b", "qwen3_4b", "qwen3_1.7b_32b"):
         text = (ROOT / "slurm" / f"{name}.sh").read_text()
         directives = dict(re.findall(r"^#SBATCH --([a-z-]+)(?:=(\S+))?", text, re.M))
         for key in ("nodes", "ntasks-per-node", "gpus-per-node", "exclusive", "time", "output", "error",

@@ -4,7 +4,7 @@
 """
 
 from megatron_eaopd.config.errors import ConfigError, format_validation_error
-from megatron_eaopd.config.layout import RuntimeLayout, check_static_layout, resolve_layout
+from megatron_eaopd.config.layout import RuntimeLayout, check_model_split, check_static_layout, resolve_layout
 from megatron_eaopd.config.loading import (
     RESOLVED_CONFIG_NAME,
     apply_overrides,
@@ -35,5 +35,5 @@ __all__ = [
     "StudentConfig", "TeacherConfig", "ParallelConfig", "DataConfig", "RolloutConfig", "EOPDConfig",
     "TrainConfig", "OptimizerConfig", "CheckpointConfig", "LoggingConfig", "EvalConfig",
     "load_config", "read_yaml", "apply_overrides", "parse_override", "parse_cli", "format_validation_error",
-    "write_resolved_config", "check_static_layout", "resolve_layout",
+    "write_resolved_config", "check_static_layout", "resolve_layout", "check_model_split",
 ]

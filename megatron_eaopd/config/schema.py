@@ -92,9 +92,10 @@ class TeacherConfig(StudentConfig):
 class ParallelConfig(_Section):
     """Model-parallel layout. DP is whatever remains of the world size (``world / (tp * pp)``).
 
-    ``teacher_tp`` / ``teacher_pp`` default to the student's. ``sequence_parallel`` and
-    ``use_distributed_optimizer`` accept ``auto``: SP on when CUDA and ``tp > 1``; the distributed
-    optimizer on with CUDA (``true`` also runs on CPU).
+    ``teacher_tp`` / ``teacher_pp``: the teacher's own layout on the same ranks (default the student's;
+    its DP is ``world / (teacher_tp * teacher_pp)``; :mod:`megatron_eaopd.teacher.groups`).
+    ``sequence_parallel`` and ``use_distributed_optimizer`` accept ``auto``: SP on when CUDA and ``tp > 1``
+    (for the teacher: ``teacher_tp > 1``); the distributed optimizer on with CUDA (``true`` also runs on CPU).
     """
 
     tp: int = Field(1, ge=1)

@@ -78,9 +78,19 @@ def _layer_offset(model) -> int:
     return int(layers[0].layer_number) - 1
 
 
+def _tp_coords(model, ps) -> tuple[int, int]:
+    """``(tp_rank, tp_size)`` of ``model``: its own ``pg_collection``'s TP group (a teacher built on its own
+    groups), else the global ``parallel_state``'s."""
+    group = getattr(getattr(model, "pg_collection", None), "tp", None)
+    if group is None:
+        return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    return group.rank(), group.size()
+
+
 @torch.no_grad()
 def load_hf_weights(model_chunks: list, hf_dir: str | os.PathLike, *, progress: bool = True) -> int:
-    """Copy an HF folder's weights into built model chunks at the current TP/PP rank.
+    """Copy an HF folder's weights into built model chunks at their TP/PP rank (each model's own
+    ``pg_collection`` groups, which are the global ``parallel_state``'s unless it was built on its own).
 
     Each parameter is assembled from its HF tensors (:func:`~megatron_eaopd.models.mapping.to_megatron`),
     cut to this rank's TP piece (:func:`~megatron_eaopd.models.mapping.tp_shard`) and copied
@@ -96,11 +106,11 @@ def load_hf_weights(model_chunks: list, hf_dir: str | os.PathLike, *, progress: 
     from megatron.core import parallel_state as ps  # deferred: megatron-core is heavy (see _allreduce_sum)
 
     reader = HFTensorReader(hf_dir)
-    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     n = 0
     try:
         for chunk in model_chunks:
             m = unwrap(chunk)
+            tp_rank, tp_size = _tp_coords(m, ps)
             spec = m.model_info.mapping_spec
             off = _layer_offset(m)
             params = list(m.named_parameters())

@@ -109,9 +109,10 @@ def build_gpt_model(
     use_te: bool | None = None,
     perform_initialization: bool = True,
     max_sequence_length: int | None = None,
+    pg_collection=None,
     **config_overrides,
 ):
-    """Build this rank's ``GPTModel`` for an HF config, at the current TP/PP.
+    """Build this rank's ``GPTModel`` for an HF config, at the current TP/PP (or a collection's).
 
     Args:
         hf_config: HF model folder, ``config.json`` path, dict or ``PretrainedConfig``
@@ -124,6 +125,11 @@ def build_gpt_model(
         use_te: force the TE (True) or local (False) spec; default :func:`te_available`.
         perform_initialization: False leaves weights uninitialised (use when loading right after).
         max_sequence_length: default HF ``max_position_embeddings``.
+        pg_collection: a ``ProcessGroupCollection`` (``tp``, ``pp``, ``cp`` set) to build the model on its
+            own groups (a teacher in its own layout, :mod:`megatron_eaopd.teacher.groups`): TP/PP sizes and
+            the pipeline stage come from it instead of the global ``parallel_state``. Load its weights
+            afterwards (random initialisation would not differ between its TP ranks: megatron-core's
+            one global RNG tracker).
         **config_overrides: ``TransformerConfig`` fields (e.g. ``recompute_granularity``).
     Returns:
         ``(model_chunks, info)``: a list with one ``GPTModel`` (virtual pipeline not supported) and a
@@ -143,8 +149,12 @@ def build_gpt_model(
         raise RuntimeError("megatron parallel_state is not initialised; call megatron_eaopd.distributed.init_model_parallel(tp, pp) first")
     if (ps.get_virtual_pipeline_model_parallel_world_size() or 1) > 1:
         raise NotImplementedError("virtual pipeline parallelism is not supported by build_gpt_model")
-    tp = ps.get_tensor_model_parallel_world_size()
-    pp = ps.get_pipeline_model_parallel_world_size()
+    if pg_collection is None:
+        tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+        first, last = ps.is_pipeline_first_stage(ignore_virtual=True), ps.is_pipeline_last_stage(ignore_virtual=True)
+    else:
+        tp, pp = pg_collection.tp.size(), pg_collection.pp.size()
+        first, last = pg_collection.pp.rank() == 0, pg_collection.pp.rank() == pp - 1
     cfg_hf = load_hf_config(hf_config)
     assets = None
     if isinstance(hf_config, (str, os.PathLike)):
@@ -165,9 +175,9 @@ def build_gpt_model(
         spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization="RMSNorm")
     padded = pad_vocab_size(args.vocab_size, tp, make_vocab_size_divisible_by)
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+        pre_process = first
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+        post_process = last
     r = args.rope
     model = GPTModel(
         config=config,
@@ -184,6 +194,7 @@ def build_gpt_model(
         rope_scaling=r.rope_type == "llama3",
         rope_scaling_factor=r.factor if r.rope_type == "llama3" else 8.0,
         seq_len_interpolation_factor=r.factor if r.rope_type == "linear" else None,
+        pg_collection=pg_collection,
     )
     if r.rope_type == "llama3":
         # megatron-core hard-codes low/high_freq_factor=1/4 and original_max_position_embeddings=8192;

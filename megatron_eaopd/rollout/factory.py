@@ -48,7 +48,8 @@ def select_engine_kind(requested: EngineKind, pipeline_parallel: int, cuda: bool
 
 
 def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind: EngineKind = "auto",
-                max_batch_size: int | None = None, kv_buffer_gb: float = 20.0, progress: bool = False) -> RolloutEngine:
+                max_batch_size: int | None = None, kv_buffer_gb: float = 20.0, progress: bool = False,
+                true_vocab_size: int | None = None) -> RolloutEngine:
     """Build the rollout engine for the student's model chunks (used by training and evaluation).
 
     Args:
@@ -59,6 +60,8 @@ def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind:
         max_batch_size: sequences per engine batch (None: all rows of a call).
         kv_buffer_gb: the dynamic engine's KV-cache buffer (GiB).
         progress: show the engine's progress bar.
+        true_vocab_size: ids at or beyond it are never sampled (the vocabulary the student and teacher share;
+            None: the model's own ``true_vocab_size``).
     Returns:
         a :class:`RolloutEngine`.
     Raises:
@@ -68,7 +71,7 @@ def make_engine(model_chunks: list, tokenizer, *, stop_ids: Sequence[int], kind:
     chosen, why = select_engine_kind(kind, pp, torch.cuda.is_available())
     if why:
         print_rank0(f"[eopd] {why}")
-    common = dict(max_batch_size=max_batch_size, progress=progress)
+    common = dict(max_batch_size=max_batch_size, progress=progress, true_vocab_size=true_vocab_size)
     # deferred: megatron-core's inference engines call faulthandler.enable() at import, which fails where
     # stderr has no file descriptor (notebooks, captured output); import them only when one is built
     if chosen == "static":

@@ -3,7 +3,9 @@
     python tests/scripts/trainer_models.py OUT_DIR
 
 Writes OUT_DIR/{hf_teacher,hf_student} (Llama shape: 8 heads / 2 KV groups so TP=2 splits, untied
-teacher, tied student) and converts them with the project's converter to OUT_DIR/{teacher,student}.
+teacher, tied student) and converts them with the project's converter to OUT_DIR/{teacher,student};
+also OUT_DIR/hf_teacher_wide, a teacher with 160 more output rows than the tokenizer's 49,152 tokens
+(the same tokenizer, a different logit width, as Qwen2.5-7B against Qwen2.5-1.5B).
 """
 
 import json
@@ -14,10 +16,10 @@ from pathlib import Path
 import torch
 
 
-def make(out: Path, layers: int, seed: int, tied: bool, tok_dir: Path) -> Path:
+def make(out: Path, layers: int, seed: int, tied: bool, tok_dir: Path, rows: int = 49152) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
                       rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                       rope_theta=10000.0)
@@ -42,6 +44,7 @@ def main():
     for name, layers, seed, tied in (("teacher", 4, 1, False), ("student", 2, 2, True)):
         hf = make(out / f"hf_{name}", layers, seed, tied, tok)
         import_hf(hf, out / name, dtype="fp32", progress=False)
+    make(out / "hf_teacher_wide", 4, 3, False, tok, rows=49152 + 160)
     (out / "READY").write_text("ok\n")
 
 
