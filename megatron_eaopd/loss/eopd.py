@@ -31,12 +31,9 @@ from typing import Literal
 
 import torch
 
-from megatron_eaopd.loss.vocab_parallel import (
-    _shard,
-    vocab_parallel_kl_pair,
-    vocab_parallel_log_probs_and_entropy,
-)
-from megatron_eaopd.loss.vocab_parallel import _check_same_shards, _rows, _stats_forward
+from megatron_eaopd.loss.vocab_parallel import vocab_parallel_log_probs_and_entropy
+from megatron_eaopd.loss.vocab_parallel_kl import vocab_parallel_kl_pair
+from megatron_eaopd.loss.vocab_shard import as_rows, check_same_shards, make_shard, stats_forward
 
 __all__ = ["EOPDConfig", "TeacherSignals", "teacher_signals", "eopd_loss", "METRIC_KEYS"]
 
@@ -168,15 +165,15 @@ def teacher_signals(
             f"teacher_logits must be [B, S, V_local] and target_ids [B, S]; got {tuple(teacher_logits.shape)} "
             f"and {tuple(target_ids.shape)}"
         )
-    sh = _shard(teacher_logits, group, cfg.vocab_size, cfg.temperature, chunk_size, name="teacher_logits")
+    sh = make_shard(teacher_logits, group, cfg.vocab_size, cfg.temperature, chunk_size, name="teacher_logits")
     true_v = cfg.vocab_size if cfg.vocab_size is not None else sh.v_local * sh.world
     if cfg.top_k > true_v:
         raise ValueError(f"EOPDConfig.top_k={cfg.top_k} is larger than the vocabulary ({true_v})")
-    _check_same_shards(sh, teacher_logits)
+    check_same_shards(sh, teacher_logits)
     _check_target(target_ids, true_v)
     with torch.no_grad():
-        _, log_s, ent, gathered, (tv, ti), _ = _stats_forward(
-            sh, _rows(teacher_logits), target_ids.reshape(-1, 1).long(), "teacher_logits", topk=cfg.top_k,
+        _, log_s, ent, gathered, (tv, ti), _ = stats_forward(
+            sh, as_rows(teacher_logits), target_ids.reshape(-1, 1).long(), "teacher_logits", topk=cfg.top_k,
             shape=tuple(teacher_logits.shape),
         )
     b, s = target_ids.shape
