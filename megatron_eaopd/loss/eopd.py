@@ -353,7 +353,10 @@ def eopd_loss(
             "fkl_gated": (torch.where(valid, l_fkl.detach(), 0.0) * gate).sum() / n_gated.clamp(min=1),
             "log_ratio": _masked_mean(lp - old, mask, n),
             "clip_fraction": _masked_mean(clip_frac_tok, mask, n),
-            "student_topk_mass": _masked_mean(torch.where(valid, s_lp_ids[..., 1:].exp().sum(-1), 0.0), mask, n),
+            # empty top-k slots (a teacher with fewer than k finite logits: -inf, id 0) hold no mass
+            "student_topk_mass": _masked_mean(
+                torch.where(valid, torch.where(torch.isfinite(sig.topk_log_probs), s_lp_ids[..., 1:].exp(), 0.0).sum(-1),
+                            0.0), mask, n),
             "teacher_student_log_ratio": _masked_mean(t_lp_target - lp, mask, n),
             "num_gated": n_gated.detach(),
         }
