@@ -180,11 +180,17 @@ def shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max(1, max |b|), in float64; 0 for empty tensors."""
+    """max |a - b| / max(1, max |b| over finite b), in float64; 0 for empty tensors.
+
+    Equal entries (including equal infinities, e.g. log-probs of zero-probability ids) count as exact; an
+    infinity against a finite value is an infinite error, a NaN on either side a NaN error (fails <=)."""
     if a.numel() == 0:
         return 0.0
     a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+    d = torch.where(a == b, torch.zeros((), dtype=torch.float64), (a - b).abs())
+    finite = b[torch.isfinite(b)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    return float(d.max() / scale)
 
 
 def sum_err(a: torch.Tensor, b: torch.Tensor, terms: torch.Tensor) -> float:

@@ -55,6 +55,8 @@ def test_tp1_against_fp64_reference(dtype):
 
     recs = [dict(dtype=str(dtype), **r) for r in loss_tp.run_checks(0, 1, dtype)]
     assert len(recs) >= 7 + 7 * (1 + len(METRIC_KEYS))
+    if dtype == torch.float32:
+        recs += [dict(dtype=str(dtype), **r) for r in loss_tp.run_layout_checks(0, 1, loss_tp.PADDED_VOCAB, tag="padded_shards_")]
     _assert_checks(recs)
 
 
@@ -63,6 +65,8 @@ def test_tensor_parallel_against_fp64_reference(torchrun, tp):
     results = torchrun("loss_tp.py", tp)
     for rank, recs in results.items():
         _assert_checks(recs)
+        layout = {r["check"] for r in recs if r["check"].startswith(("padded_shards_", "explicit_group_"))}
+        assert len(layout) == 2 * 6, layout
         msg = [r for r in recs if r["check"] == "unequal_shards"][0]["message"]
         assert "shards differ" in msg and "make_vocab_size_divisible_by" in msg, (rank, msg)
     # every rank computes the same loss and metric values, bit for bit (B9: the loss must not depend on the

@@ -26,12 +26,15 @@ from megatron_eaopd.loss import (  # noqa: E402
     teacher_signals,
     vocab_parallel_entropy,
     vocab_parallel_kl,
+    vocab_parallel_kl_pair,
     vocab_parallel_log_probs,
+    vocab_parallel_log_probs_and_entropy,
     vocab_parallel_log_softmax_stats,
     vocab_parallel_topk,
 )
 
 V, VOCAB, B, S = 96, 90, 3, 7  # padded vocabulary 96 (divisible by 1, 2, 4), true vocabulary 90
+PADDED_VOCAB = 40  # a true vocabulary that leaves whole shards padded at TP = 2 and 4
 
 
 #: PPO ratios and advantages set per token (cycled over the B x S tokens): the clip (eps = 0.2) binds
@@ -174,6 +177,64 @@ def run_checks(rank: int, world: int, dtype: torch.dtype, group=None) -> list[di
     return out
 
 
+def run_layout_checks(rank: int, world: int, vocab: int | None, group=None, tag: str = "") -> list[dict]:
+    """Every public function once (fp32), values and gradient shards against the reference, for a true
+    vocabulary ``vocab`` and the group passed explicitly.
+
+    Used with a vocabulary that leaves whole shards padded (40 of 96 columns: at TP = 2 rank 1 holds no
+    real entry, at TP = 4 ranks 2 and 3), and with ``vocab=None`` and an explicit group that is not
+    Megatron's TP group (every function must use the group it is given)."""
+    out = []
+    student, teacher, target, _, mask, w = make_inputs()
+    n_real = vocab or V
+    target = target % n_real
+    old = (ref.log_probs(student, target[..., None], vocab)[..., 0] - 0.1).float()
+    ids = torch.stack([target, (target * 7 + 3) % n_real], dim=-1)
+    kw = dict(group=group, vocab_size=vocab)
+
+    def rec(name, err, gerr=0.0):
+        out.append(dict(check=f"{tag}{name}", err=err, gerr=gerr))
+
+    _, lse = vocab_parallel_log_softmax_stats(ref.shard(student, rank, world).float(), **kw)
+    rec("lse", ref.rel_err(lse, ref.lse(student, vocab)))
+    x = leaf(student, rank, world, torch.float32)
+    lp, h = vocab_parallel_log_probs_and_entropy(x, ids, **kw)
+    h2 = vocab_parallel_entropy(x, **kw)
+    lp2 = vocab_parallel_log_probs(x, ids[..., :1], **kw)
+    ((lp.double() * w[..., None]).sum() + (h.double() * w).sum() + h2.double().sum() + lp2.double().sum()).backward()
+    xr = student.clone().requires_grad_(True)
+    lr, hr = ref.log_probs(xr, ids, vocab), ref.entropy(xr, vocab)
+    ((lr * w[..., None]).sum() + (hr * w).sum() + hr.sum() + lr[..., :1].sum()).backward()
+    rec("log_probs_entropy", max(ref.rel_err(lp, lr), ref.rel_err(h, hr), ref.rel_err(h2, hr), ref.rel_err(lp2, lr[..., :1])),
+        grad_err(x.grad, xr.grad, rank, world))
+    tv, ti = vocab_parallel_topk(ref.shard(teacher, rank, world).float(), 8, **kw)
+    full_lp = ref.masked_log_softmax(teacher, vocab)
+    rec("topk", ref.rel_err(tv, full_lp.topk(8, -1)[0]) + ref.rel_err(full_lp.gather(-1, ti), tv) + float((ti >= n_real).any()))
+    xp, xq = leaf(student, rank, world, torch.float32), leaf(teacher, rank, world, torch.float32)
+    kpq, kqp, hp, lpi = vocab_parallel_kl_pair(xp, xq, ids, **kw)
+    kl_only = vocab_parallel_kl(xp, xq, **kw)
+    ((kpq.double() * w).sum() + kqp.double().sum() + (hp.double() * w).sum() + kl_only.double().sum()).backward()
+    pr, qr = student.clone().requires_grad_(True), teacher.clone().requires_grad_(True)
+    rpq, rqp, rh = ref.kl(pr, qr, vocab), ref.kl(qr, pr, vocab), ref.entropy(pr, vocab)
+    ((rpq * w).sum() + rqp.sum() + (rh * w).sum() + rpq.sum()).backward()
+    rec("kl_pair", max(ref.rel_err(kpq, rpq), ref.rel_err(kqp, rqp), ref.rel_err(hp, rh), ref.rel_err(kl_only, rpq),
+                       ref.rel_err(lpi, ref.log_probs(student, ids, vocab))),
+        max(grad_err(xp.grad, pr.grad, rank, world), grad_err(xq.grad, qr.grad, rank, world)))
+    for mode in ("topk", "full"):
+        cfg = EOPDConfig(mode=mode, vocab_size=vocab, top_k=8)
+        xs = leaf(student, rank, world, torch.float32)
+        sig = teacher_signals(ref.shard(teacher, rank, world).float(), target, cfg, group=group)
+        loss, n, metrics = eopd_loss(xs, sig, old, mask, cfg, group=group)
+        loss.backward()
+        xr = student.clone().requires_grad_(True)
+        lref, nref, per_tok, _ = ref.eopd(xr, teacher, target, old.double(), mask, mode=mode, top_k=8, vocab_size=vocab)
+        lref.backward()
+        mref = ref.eopd_metrics(student, teacher, target, old.double(), mask, mode=mode, top_k=8, vocab_size=vocab)
+        rec(f"eopd_{mode}", ref.sum_err(loss, lref, per_tok) + abs(float(n) - float(nref))
+            + max(ref.rel_err(metrics[k], mref[k]) for k in mref), grad_err(xs.grad, xr.grad, rank, world))
+    return out
+
+
 def unequal_shards(rank: int, world: int) -> str:
     x = torch.randn(2, 10 + rank)
     try:
@@ -188,10 +249,17 @@ def main():
 
     env = init_distributed(timeout_s=120)
     init_model_parallel(tp=env.world_size)
+    rank, world = dist.get_rank(), dist.get_world_size()
     for dtype in (torch.float32, torch.bfloat16):
-        for r in run_checks(dist.get_rank(), dist.get_world_size(), dtype):
+        for r in run_checks(rank, world, dtype):
             report(dtype=str(dtype), **r)
-    report(check="unequal_shards", message=unequal_shards(dist.get_rank(), dist.get_world_size()))
+    report(check="unequal_shards", message=unequal_shards(rank, world))
+    for r in run_layout_checks(rank, world, PADDED_VOCAB, tag="padded_shards_"):
+        report(dtype=str(torch.float32), **r)
+    # Megatron's TP group becomes each rank alone: the functions must use the group they are given
+    init_model_parallel(tp=1)
+    for r in run_layout_checks(rank, world, None, group=dist.group.WORLD, tag="explicit_group_"):
+        report(dtype=str(torch.float32), **r)
     dist.barrier()
 
 
