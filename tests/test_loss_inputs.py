@@ -247,6 +247,9 @@ def test_teacher_signals_select_and_to():
         moved = sig.to("cpu")
         assert (moved.logits is None) == (sig.logits is None)
         assert torch.equal(moved.topk_log_probs, sig.topk_log_probs) and torch.equal(moved.target_ids, sig.target_ids)
+        on_meta = sig.to("meta")  # every tensor goes to the device asked for
+        assert all(t is None or t.device.type == "meta" for t in on_meta.__dict__.values())
+        assert (on_meta.logits is None) == (sig.logits is None)
 
 
 def test_eopd_loss_names_the_bad_argument():

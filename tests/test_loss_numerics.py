@@ -109,6 +109,20 @@ def test_temperatures_in_every_function(temperature):
     assert ref.rel_err(tv, rv) <= 1e-6 and torch.equal(ti, ri)
 
 
+def test_large_logits_at_temperature_two():
+    # z / T is what is shifted by its row maximum: logits of +-300 at T = 2 stay exact (no underflow of
+    # exp(z - max) to 0), for the statistics, the entropy, the log-probs and the KL
+    x = torch.randn(3, 24, generator=torch.Generator().manual_seed(8)) + 300.0
+    x[:, ::2] -= 600.0
+    y = x.flip(-1).contiguous()
+    ids = torch.tensor([[0, 1], [2, 5], [7, 23]])
+    _, lse = vocab_parallel_log_softmax_stats(x, temperature=2.0)
+    assert ref.rel_err(lse, ref.lse(x, temperature=2.0)) <= 1e-6
+    assert ref.rel_err(vocab_parallel_entropy(x, temperature=2.0), ref.entropy(x, temperature=2.0)) <= 1e-6
+    assert ref.rel_err(vocab_parallel_log_probs(x, ids, temperature=2.0), ref.log_probs(x, ids, temperature=2.0)) <= 1e-6
+    assert ref.rel_err(vocab_parallel_kl(x, y, temperature=2.0), ref.kl(x, y, temperature=2.0)) <= 1e-6
+
+
 def test_default_temperature_is_one():
     x, _, _, ids = _logits(minus_inf=False, seed=2)
     lp, h = vocab_parallel_log_probs_and_entropy(x, ids)

@@ -104,7 +104,7 @@ class _LogProbsEntropy(torch.autograd.Function):
                 g = lp.add_(ent[r0:r1].unsqueeze(1)).mul_(-gh).add_(coef).mul_(p)
                 del p
             else:
-                g = shifted(sh, x[r0:r1], lse[r0:r1], safe, out=grad_buffer(sh, x, grad, r0, r1, safe))
+                g = shifted(sh, x[r0:r1], lse[r0:r1], safe, out=grad_buffer(grad, r0, r1, safe))
                 g.exp_().mul_(coef)  # -p * sum_k g_k
             if has_lp:
                 loc, own = local_ids(sh, ids[r0:r1])
@@ -169,7 +169,7 @@ def vocab_parallel_log_probs_and_entropy(
     if ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"ids must be int64 (or int32), got {ids.dtype}")
     check_same_shards(sh, logits)
-    check_ids(sh, ids, vocab_size if vocab_size is not None else sh.v_local * sh.world)
+    check_ids(ids, vocab_size if vocab_size is not None else sh.v_local * sh.world)
     lead = logits.shape[:-1]
     lp, ent = _LogProbsEntropy.apply(as_rows(logits), ids.reshape(-1, ids.shape[-1]).long(), sh, tuple(logits.shape))
     return lp.view(*lead, ids.shape[-1]), ent.view(lead)

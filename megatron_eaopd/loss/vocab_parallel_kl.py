@@ -124,13 +124,13 @@ class _KLPair(torch.autograd.Function):
             p, q = torch.exp(lp), torch.exp(lq)
             if need_p:
                 # p * [(a - c) log p - a log q + (b - a KL_pq - c H)] - b q
-                t = torch.mul(lp, a - c, out=grad_buffer(sh, xp, grad_p, r0, r1, safe))
+                t = torch.mul(lp, a - c, out=grad_buffer(grad_p, r0, r1, safe))
                 t.addcmul_(lq, -a).add_(b - a * kl_pq - c * h_p).mul_(p).addcmul_(q, -b)
                 write_grad(sh, grad_p, r0, r1, t)
                 del t
             if need_q:
                 # q * [b log q - b log p + (a - b KL_qp)] - a p
-                t = torch.mul(lq, b, out=grad_buffer(sh, xq, grad_q, r0, r1, safe))
+                t = torch.mul(lq, b, out=grad_buffer(grad_q, r0, r1, safe))
                 t.addcmul_(lp, -b).add_(a - b * kl_qp).mul_(q).addcmul_(p, -a)
                 write_grad(sh, grad_q, r0, r1, t)
                 del t
@@ -168,7 +168,7 @@ def vocab_parallel_kl_pair(
     if ids is not None:
         if ids.shape[:-1] != lead:
             raise ValueError(f"ids must have shape [..., k] with leading shape {tuple(lead)}, got {tuple(ids.shape)}")
-        check_ids(sh, ids, vocab_size if vocab_size is not None else sh.v_local * sh.world)
+        check_ids(ids, vocab_size if vocab_size is not None else sh.v_local * sh.world)
         ids2 = ids.reshape(-1, ids.shape[-1]).long()
     kl_pq, kl_qp, h_p, lp_ids = _KLPair.apply(as_rows(p_logits), as_rows(q_logits), ids2, sh, tuple(p_logits.shape))
     lp_ids = lp_ids.view(*lead, ids.shape[-1]) if ids is not None else None

@@ -183,7 +183,7 @@ def local_ids(sh: Shard, ids: torch.Tensor):
     return local.clamp(0, sh.v_local - 1), own
 
 
-def check_ids(sh: Shard, ids: torch.Tensor, vocab_size_eff: int) -> None:
+def check_ids(ids: torch.Tensor, vocab_size_eff: int) -> None:
     if ids.numel() and (bool((ids < 0).any()) or bool((ids >= vocab_size_eff).any())):
         lo, hi = int(ids.min()), int(ids.max())
         raise ValueError(
@@ -292,6 +292,6 @@ def write_grad(sh: Shard, grad: torch.Tensor, r0: int, r1: int, g: torch.Tensor)
         grad[r0:r1] = g
 
 
-def grad_buffer(sh: Shard, x: torch.Tensor, grad: torch.Tensor, r0: int, r1: int, safe: bool):
+def grad_buffer(grad: torch.Tensor, r0: int, r1: int, safe: bool):
     """Where a chunk's fp32 gradient is built: directly in ``grad`` when it is fp32, else a temporary."""
     return grad[r0:r1] if grad.dtype == torch.float32 and not safe else None
