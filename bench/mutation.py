@@ -32,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "mutation.json"
 EQUIVALENTS = ROOT / "bench" / "mutation_equivalents.json"
-TP_TEST = "tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]"
+#: Phase 2 runs the TP = 2 test, then the TP = 4 test (which adds TP groups of 2 inside 4 ranks) on what is left.
+TP_TESTS = ("tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]",
+            "tests/test_loss.py::test_tensor_parallel_against_fp64_reference[4]")
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 
 
@@ -92,11 +94,11 @@ def load_equivalents() -> dict[str, str]:
     return {f"{e['file']}::{e['function']}::{' | '.join(e['change'])}": e["reason"] for e in entries}
 
 
-def run_tp_test(mutant: str, timeout: float) -> str:
-    """Phase 2 for one mutant: 'killed' when the TP = 2 torchrun test fails with it switched on."""
+def run_tp_test(mutant: str, test: str, timeout: float) -> str:
+    """Phase 2 for one mutant: 'killed' when the torchrun ``test`` fails with the mutant switched on."""
     env = {**_env(), "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(ROOT / "mutants")}
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", TP_TEST],
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
                               cwd=ROOT / "mutants", env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return "killed"  # a hang (collectives out of step) fails the real test too, by its timeout
@@ -126,12 +128,12 @@ def report(muts: list[dict], seconds: dict, args) -> int:
         "tests_phase1": "in-process: tests/test_loss.py (without the torchrun tests), test_loss_metrics.py, "
                         "test_loss_inputs.py, test_loss_numerics.py; per mutant only the tests that run the mutated "
                         "function",
-        "tests_phase2": TP_TEST + " (torchrun, 2 gloo ranks), for survivors not listed as equivalent",
+        "tests_phase2": " then ".join(TP_TESTS) + " (torchrun, gloo), for survivors not listed as equivalent",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "seconds": seconds,
         "mutants": n,
         "killed": killed,
-        "killed_by_tp2_torchrun": sum(1 for m in muts if m.get("killed_by") == "tp2"),
+        "killed_by_torchrun": dict(Counter(m["killed_by"] for m in muts if m.get("killed_by"))),
         "equivalent": total["equivalent"],
         "survived_unexplained": len(unexplained),
         "no_tests": total["no tests"],
@@ -168,15 +170,21 @@ def main(argv=None) -> int:
     phase2_file = ROOT / "mutants" / "phase2.json"
     done = json.loads(phase2_file.read_text()) if phase2_file.exists() else {}
     t0 = time.monotonic()
-    for i, m in enumerate(pending):
-        if m["name"] not in done:
-            done[m["name"]] = run_tp_test(m["name"], args.tp_timeout)
-            phase2_file.write_text(json.dumps(done, indent=0))
-            print(f"  phase 2 [{i + 1}/{len(pending)}] {m['name']}: {done[m['name']]}", flush=True)
-        if done[m["name"]] == "killed":
-            m["status"], m["killed_by"] = "killed", "tp2"
-    if pending:
-        seconds["phase2_torchrun"] = round(time.monotonic() - t0, 1)
+    for test in TP_TESTS:
+        label = test.rsplit("[", 1)[-1].rstrip("]")
+        for i, m in enumerate(pending):
+            k = f"{m['name']}@tp{label}"
+            if k not in done:
+                done[k] = run_tp_test(m["name"], test, args.tp_timeout)
+                phase2_file.write_text(json.dumps(done, indent=0))
+                print(f"  phase 2 TP={label} [{i + 1}/{len(pending)}] {m['name']}: {done[k]}", flush=True)
+            if done[k] == "killed":
+                m["status"], m["killed_by"] = "killed", f"torchrun TP={label}"
+        pending = [m for m in pending if m["status"] not in KILLED]
+    ran = round(time.monotonic() - t0, 1)
+    if ran > 1.0:  # accumulate over interrupted and resumed invocations
+        seconds["phase2_torchrun"] = round(seconds.get("phase2_torchrun", 0.0) + ran, 1)
+        timing.write_text(json.dumps(seconds))
     return report(muts, seconds, args)
 
 

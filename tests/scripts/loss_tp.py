@@ -245,6 +245,8 @@ def unequal_shards(rank: int, world: int) -> str:
 
 
 def main():
+    from megatron.core import parallel_state
+
     from megatron_eaopd.distributed import init_distributed, init_model_parallel
 
     env = init_distributed(timeout_s=120)
@@ -260,6 +262,16 @@ def main():
     init_model_parallel(tp=1)
     for r in run_layout_checks(rank, world, None, group=dist.group.WORLD, tag="explicit_group_"):
         report(dtype=str(torch.float32), **r)
+    if world >= 4:  # TP groups that are a proper subset of the ranks: collectives must stay inside them
+        init_model_parallel(tp=2)
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        for r in run_layout_checks(tp_rank, 2, PADDED_VOCAB, tag="tp2_subgroup_"):
+            report(dtype=str(torch.float32), **r)
+    parallel_state.destroy_model_parallel()
+    # without Megatron's parallel state and without a group, every rank computes alone (TP = 1)
+    full = make_inputs()[0]
+    h = vocab_parallel_entropy(full.float(), vocab_size=VOCAB)
+    report(dtype=str(torch.float32), check="no_megatron_default_tp1", err=ref.rel_err(h, ref.entropy(full, VOCAB)), gerr=0.0)
     dist.barrier()
 
 
