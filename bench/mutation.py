@@ -36,6 +36,8 @@ EQUIVALENTS = ROOT / "bench" / "mutation_equivalents.json"
 TP_TESTS = ("tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]",
             "tests/test_loss.py::test_tensor_parallel_against_fp64_reference[4]")
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+#: Equivalence categories that hold on CPU only (bench/mutation_equivalents.json).
+CPU_ONLY = {"device", "shard_check_device"}
 
 
 def _env() -> dict:
@@ -89,9 +91,9 @@ def key(rec: dict) -> str:
     return f"{rec['file']}::{rec['function']}::{' | '.join(rec['change'])}"
 
 
-def load_equivalents() -> dict[str, str]:
+def load_equivalents() -> dict[str, dict]:
     entries = json.loads(EQUIVALENTS.read_text())["equivalent"] if EQUIVALENTS.exists() else []
-    return {f"{e['file']}::{e['function']}::{' | '.join(e['change'])}": e["reason"] for e in entries}
+    return {f"{e['file']}::{e['function']}::{' | '.join(e['change'])}": e for e in entries}
 
 
 def run_tp_test(mutant: str, test: str, timeout: float) -> str:
@@ -105,7 +107,7 @@ def run_tp_test(mutant: str, test: str, timeout: float) -> str:
     return "survived" if proc.returncode == 0 else "killed"
 
 
-def report(muts: list[dict], seconds: dict, args) -> int:
+def report(muts: list[dict], seconds: dict) -> int:
     equivalents = load_equivalents()
     by_file: dict[str, Counter] = {}
     survivors = []
@@ -116,8 +118,9 @@ def report(muts: list[dict], seconds: dict, args) -> int:
         m["final"] = st if st not in KILLED else "killed"
         by_file.setdefault(m["file"], Counter())[m["final"]] += 1
         if m["final"] not in ("killed",):
+            e = equivalents.get(key(m), {})
             survivors.append(dict(name=m["name"], file=m["file"], function=m["function"], status=m["final"],
-                                  change=m["change"], reason=equivalents.get(key(m))))
+                                  change=m["change"], category=e.get("category"), reason=e.get("reason")))
     total = Counter(m["final"] for m in muts)
     n = len(muts)
     killed = total["killed"]
@@ -135,17 +138,24 @@ def report(muts: list[dict], seconds: dict, args) -> int:
         "killed": killed,
         "killed_by_torchrun": dict(Counter(m["killed_by"] for m in muts if m.get("killed_by"))),
         "equivalent": total["equivalent"],
+        "equivalent_by_category": dict(Counter(s["category"] for s in survivors if s["status"] == "equivalent")
+                                       .most_common()),
+        "equivalent_cpu_only": sum(1 for s in survivors if s["category"] in CPU_ONLY),
         "survived_unexplained": len(unexplained),
         "no_tests": total["no tests"],
-        "score": round(killed / max(1, n - total["equivalent"]), 4),
-        "score_note": "killed / (mutants - equivalent); raw killed / mutants = " + f"{killed / max(1, n):.4f}",
+        "score": round(killed / max(1, n), 4),
+        "score_excluding_equivalent": round(killed / max(1, n - total["equivalent"]), 4),
+        "score_note": "score = killed / mutants; score_excluding_equivalent = killed / (mutants - equivalent). "
+                      "'equivalent_cpu_only' survivors (a buffer created without the input's device) compute the "
+                      "same on CPU but would fail on CUDA: they need a GPU run to be killed.",
         "per_file": {f: dict(c) for f, c in sorted(by_file.items())},
         "survivors": survivors,
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    print(f"mutation score {result['score']:.1%} ({killed} killed of {n}, {total['equivalent']} equivalent, "
-          f"{len(unexplained)} unexplained survivors); {RESULT.relative_to(ROOT)}")
+    print(f"mutation score {result['score']:.1%} ({killed} of {n} mutants killed); {total['equivalent']} survivors "
+          f"equivalent ({result['equivalent_cpu_only']} of them on CPU only), {len(unexplained)} unexplained; "
+          f"{RESULT.relative_to(ROOT)}")
     for s in unexplained:
         print(f"  SURVIVED {s['name']} ({s['status']}): {' | '.join(s['change'])}")
     return 1 if unexplained else 0
@@ -185,7 +195,7 @@ def main(argv=None) -> int:
     if ran > 1.0:  # accumulate over interrupted and resumed invocations
         seconds["phase2_torchrun"] = round(seconds.get("phase2_torchrun", 0.0) + ran, 1)
         timing.write_text(json.dumps(seconds))
-    return report(muts, seconds, args)
+    return report(muts, seconds)
 
 
 if __name__ == "__main__":
