@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # munge, shellcheck, gcc, libslurm-dev; apt, root or sudo) and stops if it cannot. 0 = skip knowingly.
 SYSTEM_DEPS ?= 1
 
-.PHONY: setup system-deps demo test test-gpu bench clean
+.PHONY: setup system-deps demo test test-gpu bench mutation clean
 
 $(VENV)/.installed: pyproject.toml Makefile tests/qwen3/requirements.txt
 	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found (megatron-core 0.19 needs it). Install python3.12 or set PYTHON312=/path/to/python3.12" >&2; exit 1; }
@@ -35,8 +35,9 @@ system-deps:
 demo: setup
 	$(PY) -m megatron_eaopd.demo $(DEMO_ARGS)
 
+# A skipped test fails here unless it is GPU-marked (tests/strict_skips.py); EAOPD_STRICT_SKIPS=0 relaxes it.
 test: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	EAOPD_STRICT_SKIPS=$${EAOPD_STRICT_SKIPS:-1} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-gpu: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
@@ -44,5 +45,10 @@ test-gpu: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 bench: setup
 	$(PY) bench/bench_loss.py
 
+# Mutation testing of megatron_eaopd/loss/ (mutmut; ~45 min on 2 cores): writes bench/results/mutation.json and
+# fails when a surviving mutant is neither killed by a test nor listed in bench/mutation_equivalents.json.
+mutation: setup
+	$(PY) bench/mutation.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache mutants

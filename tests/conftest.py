@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the multi-rank launcher and GPU skipping.
+"""Shared pytest fixtures: the multi-rank launcher, GPU skipping, and no silent skips in CI.
 
 Multi-rank tests run a script under ``torchrun --nproc-per-node N`` (gloo on CPU, a fresh free
 port each time); every rank records JSON results through ``tests/scripts/_report.py`` (one file per
@@ -27,6 +27,9 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 # torchrun scripts double as importable modules for the in-process (TP = 1) variants of their checks
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(SCRIPTS.parent))
+
+# EAOPD_STRICT_SKIPS=1 (CI, make test): a skipped non-GPU test fails with its reason (tests/strict_skips.py)
+from strict_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: E402, F401
 
 
 def free_port() -> int:

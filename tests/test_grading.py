@@ -8,27 +8,27 @@ import pytest
 
 from megatron_eaopd.evaluation.grading import GradingPool, grade_answers, grade_one, last_boxed
 
-# (gold, model output, expected verdict)
+# (gold, model output, expected verdict, expected extracted answer: the last box's content, written out)
 TABLE = [
-    ("\\frac{1}{2}", "So the answer is \\boxed{0.5}.", True),              # fraction vs decimal
-    ("0.5", "\\boxed{\\dfrac{1}{2}}", True),
-    ("\\frac{1}{3}", "\\boxed{0.34}", False),
-    ("[1,2)", "The set is \\boxed{[1, 2)}", True),                          # interval
-    ("[1,2)", "\\boxed{(1,2]}", False),
-    ("(-\\infty, 3]", "\\boxed{(-\\infty,3]}", True),
-    ("(3, 4)", "Point \\boxed{(3,4)}", True),                              # tuple / point
-    ("(3, 4)", "\\boxed{(4,3)}", False),
-    ("10", "The length is \\boxed{10\\text{ cm}}", True),                   # units
-    ("90^\\circ", "\\boxed{90}", True),
-    ("\\sqrt{2}/2", "\\boxed{\\frac{\\sqrt{2}}{2}}", True),                 # nested braces
-    ("x^2+1", "\\boxed{1 + x^{2}}", True),
-    ("\\{1,2\\}", "\\boxed{\\{2, 1\\}}", True),                             # escaped braces in a box
-    ("3", "first \\boxed{5} then corrected: \\boxed{3}", True),            # LAST box wins
-    ("5", "first \\boxed{5} then corrected: \\boxed{3}", False),
-    ("\\$36", "\\boxed{36}", True),                                         # escaped $ in gold
-    ("7", "the answer is 7", False),                                        # no box: wrong
-    ("7", "", False),
-    ("7", "cut off inside \\boxed{\\frac{7}{", False),                      # unterminated box
+    ("\\frac{1}{2}", "So the answer is \\boxed{0.5}.", True, "0.5"),                  # fraction vs decimal
+    ("0.5", "\\boxed{\\dfrac{1}{2}}", True, "\\dfrac{1}{2}"),
+    ("\\frac{1}{3}", "\\boxed{0.34}", False, "0.34"),
+    ("[1,2)", "The set is \\boxed{[1, 2)}", True, "[1, 2)"),                          # interval
+    ("[1,2)", "\\boxed{(1,2]}", False, "(1,2]"),
+    ("(-\\infty, 3]", "\\boxed{(-\\infty,3]}", True, "(-\\infty,3]"),
+    ("(3, 4)", "Point \\boxed{(3,4)}", True, "(3,4)"),                                # tuple / point
+    ("(3, 4)", "\\boxed{(4,3)}", False, "(4,3)"),
+    ("10", "The length is \\boxed{10\\text{ cm}}", True, "10\\text{ cm}"),             # units
+    ("90^\\circ", "\\boxed{90}", True, "90"),
+    ("\\sqrt{2}/2", "\\boxed{\\frac{\\sqrt{2}}{2}}", True, "\\frac{\\sqrt{2}}{2}"),     # nested braces
+    ("x^2+1", "\\boxed{1 + x^{2}}", True, "1 + x^{2}"),
+    ("\\{1,2\\}", "\\boxed{\\{2, 1\\}}", True, "\\{2, 1\\}"),                          # escaped braces in a box
+    ("3", "first \\boxed{5} then corrected: \\boxed{3}", True, "3"),                  # LAST box wins
+    ("5", "first \\boxed{5} then corrected: \\boxed{3}", False, "3"),
+    ("\\$36", "\\boxed{36}", True, "36"),                                             # escaped $ in gold
+    ("7", "the answer is 7", False, None),                                            # no box: wrong
+    ("7", "", False, None),
+    ("7", "cut off inside \\boxed{\\frac{7}{", False, None),                          # unterminated box
 ]
 
 
@@ -47,10 +47,11 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
-@pytest.mark.parametrize("gold,output,expected", TABLE)
-def test_grade_one_table(gold, output, expected):
+@pytest.mark.parametrize("gold,output,expected,extracted", TABLE)
+def test_grade_one_table(gold, output, expected, extracted):
     r = grade_one(gold, output)
     assert r.correct is expected, (gold, output, r)
+    assert r.extracted == extracted, (output, r)
     assert not r.timed_out
 
 
@@ -62,11 +63,11 @@ def test_no_answer_reports_none():
 
 
 def test_table_in_worker_processes():
-    golds = [g for g, _, _ in TABLE]
-    outs = [o for _, o, _ in TABLE]
+    golds = [row[0] for row in TABLE]
+    outs = [row[1] for row in TABLE]
     res = grade_answers(golds, outs, workers=2, timeout=20.0)
-    assert [r.correct for r in res] == [e for _, _, e in TABLE]
-    assert [r.extracted for r in res] == [last_boxed(o) for o in outs]
+    assert [r.correct for r in res] == [row[2] for row in TABLE]
+    assert [r.extracted for r in res] == [row[3] for row in TABLE]
 
 
 def test_hanging_item_times_out_and_worker_is_replaced():

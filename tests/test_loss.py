@@ -1,9 +1,11 @@
 """The vocab-parallel EOPD loss against an independent float64 reference (tests/loss_reference.py).
 
 TP = 1 runs in-process; TP = 2 and TP = 4 run the same checks under torchrun (gloo).
-Tolerances: fp32 inputs 1e-6 relative (values and gradients); bf16 inputs: values 1e-6 against the
-reference evaluated on the same bf16-rounded numbers (fp32 accumulation), gradients 5e-3 relative to
-their largest entry (the gradient is returned in bf16, whose unit roundoff is 2^-8 = 3.9e-3).
+Tolerances: fp32 inputs: values 1e-6 relative, gradients 2e-6 relative to the largest entry of the
+whole gradient (fp32 log p = z/T - lse carries ~1e-6 absolute error when |z/T| ~ 10-15, and the
+gradients are p times such terms); bf16 inputs: values 1e-6 against the reference evaluated on the same
+bf16-rounded numbers (fp32 accumulation), gradients 5e-3 (the gradient is returned in bf16, whose unit
+roundoff is 2^-8 = 3.9e-3).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 import loss_reference as ref
 from megatron_eaopd.loss import (
+    METRIC_KEYS,
     EOPDConfig,
     TeacherSignals,
     eopd_loss,
@@ -28,10 +31,14 @@ from megatron_eaopd.loss import (
     vocab_parallel_topk,
 )
 
-TOL = {"torch.float32": (1e-6, 1e-6), "torch.bfloat16": (1e-6, 5e-3)}
+TOL = {"torch.float32": (1e-6, 2e-6), "torch.bfloat16": (1e-6, 5e-3)}
 
 
 def _assert_checks(records):
+    # every metric of every EOPD variant was compared with the reference
+    for variant in {r["check"] for r in records if r["check"].startswith("eopd_") and "_metric_" not in r["check"]}:
+        compared = {r["check"].split("_metric_")[1] for r in records if r["check"].startswith(variant + "_metric_")}
+        assert compared == set(METRIC_KEYS), (variant, set(METRIC_KEYS) ^ compared)
     bad = []
     for r in records:
         if r["check"] == "unequal_shards":
@@ -47,7 +54,9 @@ def test_tp1_against_fp64_reference(dtype):
     import loss_tp
 
     recs = [dict(dtype=str(dtype), **r) for r in loss_tp.run_checks(0, 1, dtype)]
-    assert len(recs) >= 20
+    assert len(recs) >= 7 + 7 * (1 + len(METRIC_KEYS))
+    if dtype == torch.float32:
+        recs += [dict(dtype=str(dtype), **r) for r in loss_tp.run_layout_checks(0, 1, loss_tp.PADDED_VOCAB, tag="padded_shards_")]
     _assert_checks(recs)
 
 
@@ -56,11 +65,20 @@ def test_tensor_parallel_against_fp64_reference(torchrun, tp):
     results = torchrun("loss_tp.py", tp)
     for rank, recs in results.items():
         _assert_checks(recs)
+        layout = {r["check"] for r in recs if r["check"].startswith(("padded_shards_", "explicit_group_", "tp2_subgroup_"))}
+        assert len(layout) == (2 if tp < 4 else 3) * 6, layout
+        assert [r for r in recs if r["check"] == "no_megatron_default_tp1"], rank
         msg = [r for r in recs if r["check"] == "unequal_shards"][0]["message"]
-        assert "shards differ" in msg and "make_vocab_size_divisible_by" in msg, (rank, msg)
-    # every rank computes the same loss values (B9: the loss must not depend on the rank)
-    losses = {rank: [r["err"] for r in recs if r["check"].startswith("eopd")] for rank, recs in results.items()}
-    assert all(len(v) == len(losses[0]) for v in losses.values())
+        assert msg.startswith(f"vocab shards differ across the tensor-parallel group (V_local ranges from 10 to {9 + tp}): "
+                              "the TP group does not divide the vocabulary evenly. Pad the vocabulary to a multiple of "
+                              "TP (Megatron's make_vocab_size_divisible_by) or pass the model's TP group"), (rank, msg)
+    # every rank computes the same loss and metric values, bit for bit (B9: the loss must not depend on the
+    # rank; the values come out of the same all-reduced sums)
+    values = {rank: {(r["dtype"], r["check"]): r["value"] for r in recs if "value" in r} for rank, recs in results.items()}
+    assert len(values[0]) >= 2 * 7 * (1 + len(METRIC_KEYS))
+    for rank, v in values.items():
+        diff = {k: (x, values[0].get(k)) for k, x in v.items() if x != values[0].get(k)}
+        assert v.keys() == values[0].keys() and not diff, (rank, diff)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +162,7 @@ def test_tail_forward_kl_never_negative_and_exact_when_k_is_the_vocabulary():
         losses[support] = float(m["fkl_term"])
     assert losses["raw"] < 0 < losses["tail"]
     # per token, on many random pairs including identical distributions: never negative
-    from megatron_eaopd.loss.eopd import _topk_forward_kl
+    from megatron_eaopd.loss.topk_kl import topk_forward_kl as _topk_forward_kl
 
     for seed in range(5):
         g = torch.Generator().manual_seed(seed)
@@ -186,48 +204,9 @@ def test_padded_rows_get_no_mass_even_with_the_largest_logits():
         vocab_parallel_log_probs(student, torch.full((4, 6, 1), 35), vocab_size=true_v)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_finite_with_minus_inf_large_logits_and_bf16(dtype):
-    # B5 / B13: -inf entries, logits of +-60, bf16; sums over a 151,936-entry vocabulary in fp32
-    student, teacher, target, old, mask = _batch(b=2, s=4, v=151936 // 8, seed=5, dtype=dtype)
-    student = student.float()
-    teacher = teacher.float()
-    student[0, 1, 100:400] = float("-inf")  # same zero-probability support: both KLs stay finite
-    teacher[0, 1, 100:400] = float("-inf")
-    teacher[0, 2, 500:900] = float("-inf")  # teacher-only zeros: fine for topk mode (target is finite)
-    teacher[1, 2, :] = -60.0
-    teacher[1, 2, 7] = 60.0
-    student[1, 3, 5] = 60.0
-    student[1, 3, 6] = -60.0
-    target[0, 1] = 3
-    student, teacher = student.to(dtype), teacher.to(dtype)
-    for mode in ("topk", "full"):
-        for support in ("renormalize", "raw", "tail"):
-            cfg = EOPDConfig(mode=mode, top_k=16, fkl_support=support, tau=0.1)
-            x = student.clone().requires_grad_(True)
-            t_in = teacher.clone()
-            if mode == "full":
-                t_in[0, 2, 500:900] = teacher[0, 2, 500:900].masked_fill(torch.ones(400, dtype=torch.bool), 0.0)
-            loss, _, m = _loss(x, t_in, target, old, mask, cfg)
-            loss.backward()
-            assert torch.isfinite(loss), (mode, support)
-            assert bool(torch.isfinite(x.grad).all()), (mode, support)
-            assert all(bool(torch.isfinite(t)) for t in m.values()), (mode, support, m)
-    # student mass where the teacher has none: KL(student || teacher) is +inf, never a huge finite number
-    kpq, kqp, _, _ = vocab_parallel_kl_pair(student[0:1, 2:3].float(), teacher[0:1, 2:3].float())
-    assert float(kpq) == float("inf") and math.isfinite(float(kqp))
-    # a teacher with fewer finite logits than k: empty top-k slots are (-inf, id 0), never padded ids
-    few = torch.full((1, 1, 8), float("-inf"))
-    few[..., :3] = torch.tensor([1.0, 2.0, 3.0])
-    tv, ti = vocab_parallel_topk(few, 4, vocab_size=6)
-    assert tv[0, 0, 3] == float("-inf") and int(ti[0, 0, 3]) == 0 and int(ti.max()) < 6
-    for support in ("renormalize", "raw", "tail"):
-        cfg = EOPDConfig(top_k=4, fkl_support=support, tau=0.0, vocab_size=6)
-        st = torch.randn(1, 1, 8).requires_grad_(True)
-        loss, _, m = _loss(st, few, torch.tensor([[2]]), torch.tensor([[-1.0]]), torch.ones(1, 1), cfg)
-        loss.backward()
-        assert torch.isfinite(loss) and bool(torch.isfinite(st.grad).all()), support
-    # exactness of the fp32 sums at the 151,936 vocabulary (bf16 in)
+def test_entropy_sums_exact_at_the_151936_vocabulary_in_bf16():
+    # fp32 accumulation over a Qwen-sized vocabulary (bf16 in); -inf, +-60 and bf16 through the whole loss
+    # are compared with the reference in test_loss_metrics.py
     big = (torch.randn(3, 151936, generator=torch.Generator().manual_seed(0)) * 4).to(torch.bfloat16)
     h = vocab_parallel_entropy(big)
     torch.testing.assert_close(h.double(), ref.entropy(big.double()), atol=2e-5, rtol=1e-6)
@@ -303,30 +282,6 @@ def test_self_distillation_topk_mode_has_zero_advantage():
     loss.backward()
     assert abs(float(loss)) < 1e-5 and float(x.grad.abs().max()) < 1e-6
     assert abs(float(m["log_ratio"])) < 1e-6 and float(m["clip_fraction"]) == 0.0
-
-
-def test_metrics_values_against_reference():
-    student, teacher, target, old, mask = _batch(seed=11)
-    cfg = EOPDConfig(top_k=8, tau=1.5)
-    _, n, m = _loss(student, teacher, target, old, mask, cfg)
-    _, nref, _, parts = ref.eopd(student, teacher, target, old, mask, top_k=8, tau=1.5)
-    valid = mask.bool()
-    assert int(n) == int(nref)
-    assert float(m["teacher_entropy"]) == pytest.approx(float(parts["h_t"][valid].mean()), abs=1e-6)
-    assert float(m["student_entropy"]) == pytest.approx(float(ref.entropy(student)[valid].mean()), abs=1e-6)
-    g = parts["gate"].bool() & valid
-    assert float(m["fkl_gated"]) == pytest.approx(float(parts["fkl"][g].mean()), abs=1e-6)
-    assert float(m["rkl_term"]) == pytest.approx(float(parts["rkl"][valid].mean()), abs=1e-6)
-    lps = ref.masked_log_softmax(student)
-    tk = ref.masked_log_softmax(teacher).topk(8, -1)[1]
-    assert float(m["student_topk_mass"]) == pytest.approx(float(lps.gather(-1, tk).exp().sum(-1)[valid].mean()), abs=1e-6)
-    assert metrics_keys_complete(m)
-
-
-def metrics_keys_complete(m):
-    from megatron_eaopd.loss import METRIC_KEYS
-
-    return set(m) == set(METRIC_KEYS)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from megatron_eaopd.loss.vocab_parallel import vocab_parallel_kl_pair, vocab_par
 __all__ = ["eopd_loss", "eopd_loss_sums", "EOPDConfig", "TeacherSignals", "teacher_signals", "reduce_metric_sums",
            "METRIC_KEYS", "METRIC_DENOMINATORS"]
 
-_topk_forward_kl = topk_forward_kl  # former private name (tests import it)
 
 
 def _masked_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -161,7 +160,9 @@ def eopd_loss_sums(
             "fkl_gated": _masked_sum(torch.where(valid, l_fkl.detach(), zero) * gate, mask),
             "log_ratio": _masked_sum(lp - old, mask),
             "clip_fraction": _masked_sum(clip_frac_tok, mask),
-            "student_topk_mass": _masked_sum(torch.where(valid, s_lp_ids[..., 1:].exp().sum(-1), zero), mask),
+            # empty top-k slots (a teacher with fewer than k finite logits: -inf, id 0) hold no mass
+            "student_topk_mass": _masked_sum(torch.where(
+                valid, torch.where(torch.isfinite(sig.topk_log_probs), s_lp_ids[..., 1:].exp(), 0.0).sum(-1), zero), mask),
             "teacher_student_log_ratio": _masked_sum(t_lp_target - lp, mask),
             "advantage": a.sum(),
             "advantage_sq": (a * a).sum(),

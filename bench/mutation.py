@@ -1,0 +1,202 @@
+"""Mutation testing of ``megatron_eaopd/loss/`` with mutmut (``make mutation``; not part of ``make test``).
+
+Phase 1: ``mutmut run`` mutates every function of loss/ (configuration: ``[tool.mutmut]`` in
+pyproject.toml) and, per mutant, runs the in-process loss tests that execute the mutated function
+(one forked worker per mutant from an interpreter that has imported torch once).
+Phase 2: every survivor that is not listed as equivalent is run against the TP = 2 torchrun test
+(``tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]``). mutmut cannot select that
+test itself (the loss runs in torchrun's worker processes, which it does not trace), but the workers
+import the mutated copy under ``mutants/`` and follow ``MUTANT_UNDER_TEST``, so the mutant is active.
+
+Writes ``bench/results/mutation.json``: the score, the counts per file and every surviving mutant with
+its diff and, when it is equivalent, the reason (``bench/mutation_equivalents.json``). Exits 1 when a
+survivor is neither killed nor explained there.
+
+    python bench/mutation.py                  # both phases and the report (about 40 min on 2 cores)
+    python bench/mutation.py --report-only    # the report of the last run in mutants/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "bench" / "results" / "mutation.json"
+EQUIVALENTS = ROOT / "bench" / "mutation_equivalents.json"
+#: Phase 2 runs the TP = 2 test, then the TP = 4 test (which adds TP groups of 2 inside 4 ranks) on what is left.
+TP_TESTS = ("tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]",
+            "tests/test_loss.py::test_tensor_parallel_against_fp64_reference[4]")
+KILLED = {"killed", "timeout", "caught by type check", "segfault"}
+#: Equivalence categories that hold on CPU only (bench/mutation_equivalents.json).
+CPU_ONLY = {"device", "shard_check_device"}
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run_mutmut(max_children: int) -> float:
+    """Phase 1 in a fresh ``mutants/`` directory; returns its wall time in seconds."""
+    subprocess.run(["rm", "-rf", str(ROOT / "mutants")], check=True)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+                          cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"mutmut run failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+    return time.monotonic() - t0
+
+
+def function_of(mutant: str) -> str:
+    """``megatron_eaopd.loss.eopd.xǁEOPDConfigǁ__post_init____mutmut_3`` -> ``EOPDConfig.__post_init__``."""
+    name = re.sub(r"__mutmut_\d+$", "", mutant.rsplit(".", 1)[-1])
+    if name.startswith("xǁ"):
+        cls, fn = name[2:].split("ǁ", 1)
+        return f"{cls}.{fn}"
+    return name[2:] if name.startswith("x_") else name
+
+
+def collect() -> list[dict]:
+    """Every mutant of the last phase-1 run: name, file, function, status, changed lines."""
+    os.chdir(ROOT)  # mutmut reads its configuration and mutants/ relative to the working directory
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+    from mutmut.utils.file_utils import walk_mutatable_files
+
+    out = []
+    for path in walk_mutatable_files():
+        data = SourceFileMutationData(path=path)
+        data.load()
+        for name, code in data.exit_code_by_key.items():
+            status = status_by_exit_code[code]
+            rec = dict(name=name, file=str(path), function=function_of(name), status=status)
+            if status not in KILLED:
+                diff = get_diff_for_mutant(name, path=path).splitlines()
+                rec["change"] = [ln[0] + ln[1:].strip() for ln in diff
+                                 if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
+            out.append(rec)
+    return out
+
+
+def key(rec: dict) -> str:
+    return f"{rec['file']}::{rec['function']}::{' | '.join(rec['change'])}"
+
+
+def load_equivalents() -> dict[str, dict]:
+    entries = json.loads(EQUIVALENTS.read_text())["equivalent"] if EQUIVALENTS.exists() else []
+    return {f"{e['file']}::{e['function']}::{' | '.join(e['change'])}": e for e in entries}
+
+
+def run_tp_test(mutant: str, test: str, timeout: float) -> str:
+    """Phase 2 for one mutant: 'killed' when the torchrun ``test`` fails with the mutant switched on."""
+    env = {**_env(), "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(ROOT / "mutants")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test],
+                              cwd=ROOT / "mutants", env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "killed"  # a hang (collectives out of step) fails the real test too, by its timeout
+    return "survived" if proc.returncode == 0 else "killed"
+
+
+def report(muts: list[dict], seconds: dict) -> int:
+    equivalents = load_equivalents()
+    by_file: dict[str, Counter] = {}
+    survivors = []
+    for m in muts:
+        st = m["status"]
+        if st == "survived" and key(m) in equivalents:
+            st = "equivalent"
+        m["final"] = st if st not in KILLED else "killed"
+        by_file.setdefault(m["file"], Counter())[m["final"]] += 1
+        if m["final"] not in ("killed",):
+            e = equivalents.get(key(m), {})
+            survivors.append(dict(name=m["name"], file=m["file"], function=m["function"], status=m["final"],
+                                  change=m["change"], category=e.get("category"), reason=e.get("reason")))
+    total = Counter(m["final"] for m in muts)
+    n = len(muts)
+    killed = total["killed"]
+    unexplained = [s for s in survivors if s["status"] != "equivalent"]
+    result = {
+        "tool": "mutmut 3.8.1",
+        "mutated": "megatron_eaopd/loss/*.py ([tool.mutmut] in pyproject.toml)",
+        "tests_phase1": "in-process: tests/test_loss.py (without the torchrun tests), test_loss_metrics.py, "
+                        "test_loss_inputs.py, test_loss_numerics.py; per mutant only the tests that run the mutated "
+                        "function",
+        "tests_phase2": " then ".join(TP_TESTS) + " (torchrun, gloo), for survivors not listed as equivalent",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "seconds": seconds,
+        "mutants": n,
+        "killed": killed,
+        "killed_by_torchrun": dict(Counter(m["killed_by"] for m in muts if m.get("killed_by"))),
+        "equivalent": total["equivalent"],
+        "equivalent_by_category": dict(Counter(s["category"] for s in survivors if s["status"] == "equivalent")
+                                       .most_common()),
+        "equivalent_cpu_only": sum(1 for s in survivors if s["category"] in CPU_ONLY),
+        "survived_unexplained": len(unexplained),
+        "no_tests": total["no tests"],
+        "score": round(killed / max(1, n), 4),
+        "score_excluding_equivalent": round(killed / max(1, n - total["equivalent"]), 4),
+        "score_note": "score = killed / mutants; score_excluding_equivalent = killed / (mutants - equivalent). "
+                      "'equivalent_cpu_only' survivors (a buffer created without the input's device) compute the "
+                      "same on CPU but would fail on CUDA: they need a GPU run to be killed.",
+        "per_file": {f: dict(c) for f, c in sorted(by_file.items())},
+        "survivors": survivors,
+    }
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    print(f"mutation score {result['score']:.1%} ({killed} of {n} mutants killed); {total['equivalent']} survivors "
+          f"equivalent ({result['equivalent_cpu_only']} of them on CPU only), {len(unexplained)} unexplained; "
+          f"{RESULT.relative_to(ROOT)}")
+    for s in unexplained:
+        print(f"  SURVIVED {s['name']} ({s['status']}): {' | '.join(s['change'])}")
+    return 1 if unexplained else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--report-only", action="store_true", help="report on the last run in mutants/")
+    ap.add_argument("--max-children", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--tp-timeout", type=float, default=300.0, help="seconds per phase-2 torchrun test")
+    args = ap.parse_args(argv)
+    timing = ROOT / "mutants" / "timing.json"
+    if not args.report_only:
+        secs = round(run_mutmut(args.max_children), 1)
+        timing.write_text(json.dumps({"phase1_mutmut": secs, "max_children": args.max_children}))
+    seconds = json.loads(timing.read_text()) if timing.exists() else {}
+    muts = collect()
+    if not muts:
+        raise SystemExit("no mutation results in mutants/: run without --report-only first")
+    equivalents = load_equivalents()
+    pending = [m for m in muts if m["status"] not in KILLED and key(m) not in equivalents]
+    phase2_file = ROOT / "mutants" / "phase2.json"
+    done = json.loads(phase2_file.read_text()) if phase2_file.exists() else {}
+    t0 = time.monotonic()
+    for test in TP_TESTS:
+        label = test.rsplit("[", 1)[-1].rstrip("]")
+        for i, m in enumerate(pending):
+            k = f"{m['name']}@tp{label}"
+            if k not in done:
+                done[k] = run_tp_test(m["name"], test, args.tp_timeout)
+                phase2_file.write_text(json.dumps(done, indent=0))
+                print(f"  phase 2 TP={label} [{i + 1}/{len(pending)}] {m['name']}: {done[k]}", flush=True)
+            if done[k] == "killed":
+                m["status"], m["killed_by"] = "killed", f"torchrun TP={label}"
+        pending = [m for m in pending if m["status"] not in KILLED]
+    ran = round(time.monotonic() - t0, 1)
+    if ran > 1.0:  # accumulate over interrupted and resumed invocations
+        seconds["phase2_torchrun"] = round(seconds.get("phase2_torchrun", 0.0) + ran, 1)
+        timing.write_text(json.dumps(seconds))
+    return report(muts, seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
