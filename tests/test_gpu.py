@@ -15,6 +15,7 @@ forward, and a distributed-optimizer checkpoint save/resume round trip. These ru
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -186,7 +187,8 @@ def test_suite_dry_run_end_to_end(tmp_path):
     assert sel["provider_default_param_device"] == "cpu"
     for ph in ("rollout", "teacher", "old_logprobs", "train"):
         assert tr["phases"][ph]["tokens_per_s"] > 0 if ph != "old_logprobs" else tr["phases"][ph]["seconds"] > 0
-    assert tr["phases"]["train"]["mfu"] >= 0 and tr["phases"]["train"]["loss"] == pytest.approx(tr["phases"]["train"]["loss"])
+    assert tr["phases"]["train"]["mfu"] >= 0 and math.isfinite(tr["phases"]["train"]["loss"])
+    assert tr["phases"]["train"]["loss"] != 0.0 and tr["phases"]["train"]["grad_norm"] > 0
     s = d["summary"]
     assert s["rollout_engine"] == "static" and s["train_tokens_per_s"] > 0 and s["train_mfu_target_met"] is False
 
@@ -328,7 +330,8 @@ def test_gpu_bf16_eopd_loss_matches_fp64_reference(mp1, mode):
     rloss.backward()
     assert int(ntok) == int(rn)
     assert x.grad.dtype == torch.bfloat16 and bool(torch.isfinite(x.grad).all())
-    assert abs(float(loss) - float(rloss)) / abs(float(rloss)) < 2e-3, (float(loss), float(rloss))
+    # the same bf16 values on both sides: the loss differs only by fp32 accumulation (the gradient is bf16)
+    assert abs(float(loss) - float(rloss)) / abs(float(rloss)) < 1e-5, (float(loss), float(rloss))
     assert _rel(x.grad, xr.grad) < 1e-2, _rel(x.grad, xr.grad)
 
 
