@@ -100,7 +100,7 @@ METRICS = ("rkl_term", "fkl_term", "gate_fraction", "teacher_entropy", "student_
 
 def eopd_metrics(student_logits, teacher_logits, target_ids, old_lp, mask, *, mode="topk", tau=0.8, alpha=1.0,
                  clip_eps=0.2, top_k=16, fkl_support="renormalize", temperature=1.0, vocab_size=None):
-    """Every metric of :data:`METRICS` as a float64 0-dim tensor, from the definitions in method.md.
+    """Every metric of :data:`METRICS` as a float64 0-dim tensor, from the definitions in docs/method.md.
 
     Token means over the valid (mask = 1) tokens, 0 when there are none; ``fkl_gated`` is the mean over
     the gated valid tokens; ``num_gated`` a count. ``clip_fraction`` counts the tokens where the PPO

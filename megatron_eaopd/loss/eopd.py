@@ -22,7 +22,7 @@ student's vocab shards). Its reverse-KL gradient ``p (log p - log q - KL)`` is t
 baselined sampled-token estimator, so ``rkl_baseline`` leaves it unchanged. ``alpha = 0`` is plain OPD.
 
 :func:`eopd_loss` follows Megatron's per-token-loss convention: it returns the SUM of per-token losses
-over the loss mask and the number of tokens, so the global token mean (method.md step 4) is exact
+over the loss mask and the number of tokens, so the global token mean (docs/method.md, step 4) is exact
 however the global batch is split into micro-batches and data-parallel ranks.
 """
 

@@ -76,7 +76,7 @@ def teacher_signals(
         :class:`TeacherSignals`.
     Raises:
         ValueError: shape mismatch, ids out of range, NaN/+inf logits (with location), k > vocab.
-    Source: method.md (H_t over the full vocabulary, K_t = teacher top-k); NeMo-RL distributed top-k.
+    Source: docs/method.md (H_t over the full vocabulary, K_t = teacher top-k); NeMo-RL distributed top-k.
     """
     if teacher_logits.dim() != 3 or target_ids.shape != teacher_logits.shape[:2]:
         raise ValueError(

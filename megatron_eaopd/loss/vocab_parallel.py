@@ -21,7 +21,7 @@ Conventions shared by every function here:
   saved logits and the saved per-row statistics, so the only full-size tensor backward allocates is
   the logits gradient itself. No collective runs inside backward: each shard's gradient is local
   once the global statistics are known (an in-place all-reduce inside autograd would give correct
-  losses and wrong gradients on non-owner shards; prior_art.md B8/B10).
+  losses and wrong gradients on non-owner shards; docs/design.md, "Failure classes").
 
 Errors: :class:`ValueError` for NaN / +inf logits (naming the flattened row and TP rank), rows with
 no finite logit, ids outside ``[0, vocab_size)``, ``k`` larger than the vocabulary, shards of unequal
@@ -151,7 +151,7 @@ def vocab_parallel_entropy(
         ``[...]`` fp32 entropy in nats. Backward: ``dH/dz = -p (log p + H) / T`` on every shard.
     Raises:
         ValueError: see :func:`vocab_parallel_log_softmax_stats`.
-    Source: method.md "teacher entropy over the FULL vocabulary"; NeMo-RL ``ChunkedDistributedEntropy``
+    Source: docs/method.md "teacher entropy over the FULL vocabulary"; NeMo-RL ``ChunkedDistributedEntropy``
     (same reduction; backward written here by hand).
     """
     sh = _shard(logits, group, vocab_size, temperature, chunk_size)
@@ -207,7 +207,7 @@ def vocab_parallel_kl_pair(
         ``(kl_pq [...], kl_qp [...], entropy_p [...], log_p_at_ids [..., k] or None)``, fp32 nats.
     Raises:
         ValueError: shape mismatch between the two logits, and the errors of the stats pass.
-    Source: method.md "Exact full-vocabulary mode" (gradients p(log p - log q - KL) and p - q).
+    Source: docs/method.md "Exact full-vocabulary mode" (gradients p(log p - log q - KL) and p - q).
     """
     if p_logits.shape != q_logits.shape:
         raise ValueError(
@@ -241,7 +241,7 @@ def vocab_parallel_kl(
         ``[...]`` fp32 KL in nats (>= 0 up to rounding).
     Raises:
         ValueError: see :func:`vocab_parallel_kl_pair`.
-    Source: method.md, "Exact full-vocabulary mode".
+    Source: docs/method.md, "Exact full-vocabulary mode".
     """
     return vocab_parallel_kl_pair(
         p_logits, q_logits, group=group, vocab_size=vocab_size, temperature=temperature, chunk_size=chunk_size
