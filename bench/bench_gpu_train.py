@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import sys
 import time
@@ -220,12 +218,6 @@ def measured_matmul_tflops(n: int = 8192, reps: int = 10) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # the benchmark
 # ----------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_student(cfg_dict: dict, dtype: torch.dtype, cuda: bool, use_distributed_optimizer: bool, lr: float = 1e-6):
     """The student as the trainer builds it (:func:`megatron_eaopd.student.build_student`), with a constant LR."""
     from megatron_eaopd.config import OptimizerConfig
@@ -242,10 +234,7 @@ def run(a) -> dict:
     from megatron_eaopd.distributed import init_distributed, init_model_parallel
     from megatron_eaopd.models.provider import build_gpt_model, seed_model_rng, te_available, unwrap
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "RANK" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
-    init_distributed(timeout_s=600)
+    init_distributed(timeout_s=600)  # without torchrun: a world of one on an in-process store
     init_model_parallel(1, 1)
     seed_model_rng(1234)
     cuda = torch.cuda.is_available()

@@ -2,8 +2,8 @@
 
 torchrun sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``; a bare
 ``srun`` sets ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID`` (the SLURM launcher exports
-``MASTER_ADDR``/``MASTER_PORT``). Without either, the process is a world of one
-(:func:`init_world` then picks a free port, so concurrent single-process tools never collide).
+``MASTER_ADDR``/``MASTER_PORT``). Without either, the process is a world of one whose rendezvous is
+an in-process store (no TCP port at all, so concurrent single-process tools and tests never collide).
 
 :func:`unwrap` lives here, at the bottom of the package, because the wrappers it strips are the
 data-parallel ones (megatron ``DistributedDataParallel`` and its ``Float16Module``) and both
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -66,7 +65,9 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
     """Initialise ``torch.distributed`` (NCCL with CUDA, gloo otherwise) and the CPU layer.
 
     On a CPU-only machine this also applies :func:`megatron_eaopd.platform.apply_cpu_compat`.
-    Idempotent: a second call returns the environment without re-initialising.
+    Idempotent: a second call returns the environment without re-initialising. A process started without
+    launcher variables (``RANK``, ``SLURM_PROCID``, ``MASTER_PORT``) is a world of one on an in-process
+    ``HashStore``: it opens no TCP port.
 
     Args:
         timeout_s: collective timeout in seconds.
@@ -81,13 +82,14 @@ def init_distributed(timeout_s: float = 600.0, backend: str | None = None) -> Di
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if env.world_size == 1 and not _launched():
+        # a world of one needs no rendezvous: an in-process store instead of a port that another process could
+        # take between choosing it and binding it (seen as EADDRINUSE with a "free" port under a busy test suite)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, init_method=f"tcp://{env.master_addr}:{env.master_port}", rank=env.rank,
+                                world_size=env.world_size, timeout=timeout)
     return env
 
 
@@ -138,7 +140,7 @@ def init_world(tp: int = 1, pp: int = 1, seed: int = 1234) -> int:
     """Start this process's world and Megatron's TP/PP groups in one call (tools and evaluation).
 
     Without launcher variables (``RANK``, ``SLURM_PROCID``, ``MASTER_PORT``) and without an initialised
-    process group, the process is a world of one on a free local port. Then :func:`init_distributed`,
+    process group, the process is a world of one on an in-process store (no port). Then :func:`init_distributed`,
     :func:`init_model_parallel` (DP = world / (tp * pp)) and :func:`seed_everything`.
 
     Args:
@@ -156,10 +158,6 @@ def init_world(tp: int = 1, pp: int = 1, seed: int = 1234) -> int:
     if world % (tp * pp):
         raise ValueError(f"tp {tp} x pp {pp} = {tp * pp} does not divide the world size {world}; launch with "
                          f"torchrun --nproc-per-node {tp * pp} (or a multiple of it: the rest is data parallel)")
-    if not dist.is_initialized() and not _launched():
-        with socket.socket() as s:  # a world of one: any free port (never collide with a concurrent run)
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     init_distributed()
     init_model_parallel(tp, pp)
     seed_everything(seed)

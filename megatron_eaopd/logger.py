@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -44,7 +45,8 @@ TABLE_COLUMNS = (
 
 
 def _cell(fmt: str, v) -> str:
-    width = int("".join(c for c in fmt.split(":")[1] if c.isdigit()).split(".")[0] or 6) if ":" in fmt else 6
+    m = re.search(r":[<>^]?(\d+)", fmt)  # the field width of "{:>8.4f}" is 8
+    width = int(m.group(1)) if m else 6
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-".rjust(width)
     try:

@@ -37,14 +37,15 @@ def test_collective_device_follows_backend(monkeypatch, backend, expected):
     assert md.collective_device() == expected
 
 
-def test_init_world_single_process_picks_a_free_port():
-    """Without launcher variables a world of one starts on a free port (two at once never collide),
-    with Megatron's TP/PP groups and the seed set."""
+def test_init_world_single_process_opens_no_port():
+    """Without launcher variables a world of one starts on an in-process store: no MASTER_PORT is chosen and
+    no port is bound (two at once never collide), with Megatron's TP/PP groups and the seed set."""
     code = ("import json, os, torch, torch.distributed as d\n"
             "from megatron.core import parallel_state as ps\n"
             "from megatron_eaopd.distributed import init_world\n"
             "w = init_world(1, 1, seed=77)\n"
-            "print(json.dumps({'world': w, 'port': os.environ['MASTER_PORT'], 'backend': d.get_backend(),\n"
+            "print(json.dumps({'world': w, 'port': os.environ.get('MASTER_PORT'), 'backend': d.get_backend(),\n"
+            "  'store': type(d.distributed_c10d._get_default_store().underlying_store).__name__,\n"
             "  'tp': ps.get_tensor_model_parallel_world_size(), 'dp': ps.get_data_parallel_world_size(),\n"
             "  'seed': torch.initial_seed()}))\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "MASTER_PORT")}
@@ -57,7 +58,7 @@ def test_init_world_single_process_picks_a_free_port():
     recs = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     for r in recs:
         assert (r["world"], r["backend"], r["tp"], r["dp"], r["seed"]) == (1, "gloo", 1, 1, 77), r
-    assert recs[0]["port"] != recs[1]["port"]
+        assert (r["port"], r["store"]) == (None, "HashStore"), r
 
 
 @pytest.mark.parametrize("tp, pp, needle", [(0, 1, "must be >= 1"), (1, -1, "must be >= 1"),

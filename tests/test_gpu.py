@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_gpu_train as bgt  # noqa: E402
@@ -202,9 +202,7 @@ def mp1():
     from megatron_eaopd.distributed import destroy, init_distributed, init_model_parallel
     from megatron_eaopd.models.provider import seed_model_rng
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # a world of one on an in-process store (no port)
         os.environ.pop(k, None)
     init_distributed(timeout_s=300)
     init_model_parallel(1, 1)

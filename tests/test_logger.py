@@ -5,16 +5,26 @@ offline mode (no network) that a second process-like logger continues under the 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from megatron_eaopd.logger import WANDB_RUN_FILE, MetricsLogger, tb_tag, wandb_run_identity
+from megatron_eaopd.logger import TABLE_COLUMNS, WANDB_RUN_FILE, MetricsLogger, format_table, tb_tag, wandb_run_identity
 
 
 def test_tb_tags():
     assert tb_tag("loss") == "train/loss" and tb_tag("gate_fraction") == "train/gate_fraction"
     assert tb_tag("val/mean/avg@8") == "val/mean/avg@8" and tb_tag("val/seconds") == "val/seconds"
+
+
+def test_console_table_keeps_its_columns_when_metrics_are_missing():
+    table = format_table([{"iteration": 3, "loss": 1.25}, {"iteration": 4, "loss": float("nan"), "rkl_term": 0.5}])
+    header, first, second = table.splitlines()
+    assert len(header) == len(first) == len(second) == sum(len(h) if len(h) > w else w for h, w in (
+        (h, len(f.format(0))) for _, h, f in TABLE_COLUMNS)) + len(TABLE_COLUMNS) - 1, table
+    assert first.split() == ["3", "1.2500"] + ["-"] * (len(TABLE_COLUMNS) - 2)
+    assert second.split()[:3] == ["4", "-", "0.5000"]
 
 
 def test_tensorboard_train_and_val_namespaces(tmp_path):
@@ -70,5 +80,6 @@ def test_wandb_offline_run_continues_after_a_restart(tmp_path, monkeypatch):
     second.log(2, {"loss": 0.8})
     second.close()
     offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2 and all(p.endswith("-" + rid) for p in offline), offline
+    # offline-run-<time>-<id>, with "-1" appended by W&B when both starts fall in the same second
+    assert len(offline) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{rid}(-\d+)?", p) for p in offline), offline
     assert wandb.run is None

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import loss_reference as ref
-from conftest import ROOT, free_port
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import bench_gpu_train as bgt  # noqa: E402
@@ -32,9 +32,7 @@ def world1():
     from megatron_eaopd.distributed import destroy, init_distributed, init_model_parallel
     from megatron_eaopd.models.provider import seed_model_rng
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # a world of one on an in-process store (no port)
         os.environ.pop(k, None)
     init_distributed(timeout_s=300)
     init_model_parallel(1, 1)

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import free_port
 from qwen3.build_models import ENDOFTEXT, IM_END, build_pair, qwen3_tokenizer_dir
 
 A, B = 785, 4226  # two ordinary tokens the forced output emits before <|im_end|>
@@ -31,9 +30,7 @@ def qwen3(tmp_path_factory):
     from megatron_eaopd.models.convert import load_hf_weights
     from megatron_eaopd.models.provider import build_gpt_model
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(free_port())
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # a world of one on an in-process store (no port)
         os.environ.pop(k, None)
     init_distributed(timeout_s=300)
     init_model_parallel(1, 1)
