@@ -12,7 +12,8 @@ import sys
 from megatron_eaopd.config import ConfigError, load_config, parse_cli
 from megatron_eaopd.data import DataError
 from megatron_eaopd.distributed import destroy
-from megatron_eaopd.trainer import train
+
+USAGE = "python -m megatron_eaopd.train [--config] RECIPE.yaml [key.sub=value ...]  (or torchrun ... -m megatron_eaopd.train ...)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,12 +22,19 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    if not argv:
+        print(f"usage: {USAGE}\n(-h for more)", file=sys.stderr)
+        return 2
     try:
         path, overrides = parse_cli(argv)
         cfg = load_config(path, overrides)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2
+    # imported after the configuration is checked: megatron-core's import takes seconds and prints warnings, and a
+    # typo in a key should be reported at once
+    from megatron_eaopd.trainer import train
+
     try:
         train(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from megatron_eaopd.config import Config, ConfigError, check_model_split, resolve_layout, write_resolved_config
@@ -39,6 +40,7 @@ from megatron_eaopd.distributed import (
     seed_everything,
 )
 from megatron_eaopd.evaluation.grading import GradingPool
+from megatron_eaopd.evaluation.runner import resolve_benchmarks
 from megatron_eaopd.evaluation.validation import run_validation
 from megatron_eaopd.logger import MetricsLogger
 from megatron_eaopd.loss import build_objective
@@ -57,6 +59,7 @@ from megatron_eaopd.phases import (
 from megatron_eaopd.prompts import PromptFormat
 from megatron_eaopd.rollout import stop_token_ids
 from megatron_eaopd.rollout.factory import make_engine
+from megatron_eaopd.settings import format_validation_error
 from megatron_eaopd.student import build_student
 from megatron_eaopd.teacher.build import build_teacher, shared_vocab_size
 from megatron_eaopd.train_state import resume_train_state, save_train_state
@@ -73,6 +76,18 @@ def model_dtype(name: str) -> torch.dtype:
         print_rank0(f"[eopd] {name} parameters need a GPU here; using fp32 on CPU")
         return torch.float32
     return dt
+
+
+def _loss_config(cfg: Config, vocab_size: int):
+    """``cfg.loss`` with the vocabulary size set; a value that does not fit it (``top_k`` > vocabulary) is a
+    :class:`ConfigError` naming the key."""
+    if cfg.loss.top_k > vocab_size:
+        raise ConfigError(f"config error at loss.top_k: {cfg.loss.top_k} exceeds the vocabulary of {vocab_size} ids; "
+                          f"choose loss.top_k <= {vocab_size} (the recipes use 16)")
+    try:
+        return cfg.loss.with_vocab_size(vocab_size)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, type(cfg.loss), prefix="loss")) from None
 
 
 class _Preemption:
@@ -119,18 +134,19 @@ class Trainer:
         init_model_parallel(tp=layout.tp, pp=layout.pp)
         seed_everything(cfg.train.seed)
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        if is_rank0():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_resolved_config(cfg, self.run_dir, layout)
         self._build_tokenizer_and_data()
         self._check_model_splits()
+        if is_rank0():  # only once every input has been checked: a failed start leaves no files behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(cfg, self.run_dir, layout)
+            write_skipped_prompts(self.dataset, self.run_dir)
         self.student = build_student(str(self.sources["student"].assets), params_dtype=model_dtype(cfg.student.dtype),
                                      opt_cfg=cfg.optimizer, total_steps=self.total_iterations * cfg.train.mini_batches,
                                      use_distributed_optimizer=layout.use_distributed_optimizer,
                                      sequence_parallel=layout.sequence_parallel)
         info = self.student.info
         self.vocab_size = self._shared_vocab_size()
-        self.objective = build_objective(cfg.loss.with_vocab_size(self.vocab_size))
+        self.objective = build_objective(_loss_config(cfg, self.vocab_size))
         tsrc = self.sources["teacher"]
         self.teacher = build_teacher(tsrc, str(tsrc.assets), self.objective, tp=layout.teacher_tp, pp=layout.teacher_pp,
                                      params_dtype=model_dtype(cfg.teacher.dtype), student_info=info,
@@ -182,6 +198,17 @@ class Trainer:
         for f in cfg.data.train_files:
             if "://" not in f and not Path(f).exists() and (os.sep in f or f.endswith((".jsonl", ".parquet", ".json"))):
                 raise ConfigError(f"config error at data.train_files: {f!r} does not exist")
+            if Path(f).is_dir():
+                raise ConfigError(f"config error at data.train_files: {f!r} is a directory; list the JSONL/Parquet "
+                                  f"files inside it")
+        if cfg.eval.interval and cfg.eval.files:  # validation runs mid-training: its files must exist from the start
+            try:
+                resolve_benchmarks(list(cfg.eval.files), None)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config error at eval.files: {e}") from None
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"config error at logging.run_dir: {str(self.run_dir)!r} exists and is not a directory; "
+                              f"choose another run directory")
 
     def _build_tokenizer_and_data(self) -> None:
         cfg = self.cfg
@@ -198,8 +225,6 @@ class Trainer:
         self.total_iterations = cfg.total_iterations(len(self.dataset))
         self.prompt_format = PromptFormat(chat_template=cfg.data.chat_template, suffix=cfg.data.prompt_suffix,
                                           separator=cfg.data.prompt_separator)
-        if is_rank0():
-            write_skipped_prompts(self.dataset, self.run_dir)
 
     def _check_model_splits(self) -> None:
         """Each model's heads / KV groups / layers against its TP / PP (clear errors before anything is built)."""
@@ -209,6 +234,7 @@ class Trainer:
             heads = int(c.num_attention_heads)
             check_model_split(role, heads, int(getattr(c, "num_key_value_heads", None) or heads),
                               int(c.num_hidden_layers), tp, pp)
+            _loss_config(self.cfg, int(c.vocab_size))  # e.g. loss.top_k larger than the vocabulary, before any build
 
     def _shared_vocab_size(self) -> int:
         """The vocabulary the objective and the sampler use (:func:`megatron_eaopd.teacher.build.shared_vocab_size`):

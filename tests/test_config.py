@@ -100,6 +100,10 @@ def test_overrides_parse_yaml_scalars_and_bad_overrides():
     with pytest.raises(ConfigError, match="loss.alpha: is a int, not a section"):
         load_config(data=BASE, overrides=["loss.alpha=1", "loss.alpha.x=1"])
     assert parse_cli(["--config", "r.yaml", "loss.tau=1", "--train.seed=3"]) == ("r.yaml", ["loss.tau=1", "train.seed=3"])
+    # a recipe path with "=" in it (a sweep folder) is the path, not an override
+    assert parse_cli(["/sweep/lr=1e-5/cfg.yaml", "loss.tau=1"]) == ("/sweep/lr=1e-5/cfg.yaml", ["loss.tau=1"])
+    assert parse_cli(["sweep/lr=1e-5/cfg.yaml", "data.train_files=[a/b.jsonl]"]) == (
+        "sweep/lr=1e-5/cfg.yaml", ["data.train_files=[a/b.jsonl]"])
     with pytest.raises(ConfigError, match="two config files"):
         parse_cli(["a.yaml", "b.yaml"])
 

@@ -452,6 +452,9 @@ def test_plot_command_draws_runs_side_by_side(tmp_path):
     assert main([str(tmp_path / "opd"), "--out", str(tmp_path / "bad.png"), "--panels", "fkl_gatd"]) == 1
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "bad.png")]) == 1
     assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(ValueError, match=r"must be an image file ending in .png.*\(e.g. .*opd/metrics.png\)"):
+        plot_runs([tmp_path / "opd"], tmp_path / "opd")  # a directory as --out
+    assert main([str(tmp_path / "opd"), "--out", str(tmp_path / "noext")]) == 1 and not (tmp_path / "noext").exists()
     with pytest.raises(ValueError, match="no run has data for panel 'fkl_gatd'.*keys in these runs: .*fkl_gated"):
         plot_runs([tmp_path / "opd"], tmp_path / "bad.png", panels=["fkl_gatd"])
     p = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(tmp_path / "eopd"), "--out",

@@ -152,11 +152,21 @@ BAD = [
     (["checkpoint.resume=required"], "does not exist"),
     (["data.max_prompt_tokens=5"], "max_prompt_tokens"),
     (["optimizer.lrr=1"], "did you mean 'optimizer.lr'"),
+    # found before anything is built or written (the run directory stays empty)
+    (["loss.top_k=100000"], "config error at loss.top_k"),
+    (["logging.run_dir={tmp}/a_file"], "'{tmp}/a_file' exists and is not a directory"),
+    (["eval.interval=1", "eval.files=[{tmp}/no_such_val.jsonl]"], "config error at eval.files"),
+    (["data.train_files=[{tmp}]"], "is a directory; list the JSONL/Parquet files"),
 ]
+#: the errors above that must leave no file behind in the run directory
+NOTHING_WRITTEN = ("loss.top_k", "a_file", "eval.files", "is a directory")
 
 
 @pytest.mark.parametrize("overrides,needle", BAD, ids=lambda x: str(x)[:40])
 def test_bad_config_clear_error(models, tmp_path, overrides, needle):
+    (tmp_path / "a_file").write_text("not a directory")
+    overrides = [o.replace("{tmp}", str(tmp_path)) for o in overrides]
+    needle = needle.replace("{tmp}", str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_eaopd.train", str(RECIPE), *base_overrides(models, tmp_path / "bad"), *overrides],
         capture_output=True, text=True, env={**_env(1), "MASTER_PORT": str(free_port())}, timeout=300, cwd=ROOT,
@@ -166,6 +176,17 @@ def test_bad_config_clear_error(models, tmp_path, overrides, needle):
     assert proc.returncode == 2, (proc.returncode, out)
     assert needle in proc.stderr, out
     assert "Traceback" not in proc.stderr, out
+    if any(w in needle for w in NOTHING_WRITTEN):
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir()), list((tmp_path / "bad").iterdir())
+        assert (tmp_path / "a_file").read_text() == "not a directory"
+
+
+def test_train_command_line():
+    # no arguments: the usage line; a recipe path may contain "=" (sweep folders); key=value are overrides
+    proc = subprocess.run([sys.executable, "-m", "megatron_eaopd.train"], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env=_env(1))
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: python -m megatron_eaopd.train"), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_layout_errors_two_processes(models, tmp_path):

@@ -82,6 +82,10 @@ def _series(records: list[dict], key: str, smooth: int) -> tuple[list[float], li
     return xs, ys
 
 
+#: image formats ``--out`` may end in (matplotlib's common ones).
+_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
 def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, *, panels=DEFAULT_PANELS,
               labels: list[str] | None = None, smooth: int = 1, title: str | None = None) -> dict[str, list[str]]:
     """Draw ``panels`` for every run into the image ``out`` (format from its extension).
@@ -97,8 +101,8 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, *, panels=D
         ``{panel title: [line labels drawn]}``.
     Raises:
         ImportError: matplotlib is not installed (says how to install it).
-        ValueError: no runs, labels of the wrong length, smooth < 1, or a panel that no run has data for
-            (lists the keys the runs have).
+        ValueError: ``out`` is a directory or has no image extension, no runs, labels of the wrong length,
+            smooth < 1, or a panel that no run has data for (lists the keys the runs have).
     """
     try:
         import matplotlib  # deferred: an optional extra, only this command needs it
@@ -107,6 +111,9 @@ def plot_runs(runs: list[str | os.PathLike], out: str | os.PathLike, *, panels=D
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise ImportError("eaopd-plot needs matplotlib: pip install 'megatron_eaopd[plot]'") from e
+    if Path(out).is_dir() or Path(out).suffix.lower().lstrip(".") not in _FORMATS:
+        raise ValueError(f"--out {str(out)!r} must be an image file ending in {', '.join('.' + f for f in _FORMATS)} "
+                         f"(e.g. {Path(out) / 'metrics.png' if Path(out).is_dir() else Path(out).with_suffix('.png')})")
     if not runs:
         raise ValueError("no runs given")
     if smooth < 1:

@@ -11,6 +11,7 @@ with one readable line per problem.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,11 +146,17 @@ def load_config(
         raise ConfigError(format_validation_error(err, Config)) from None
 
 
+#: ``key.sub=value`` (optionally ``--key.sub=value``): what :func:`parse_cli` reads as an override.
+_OVERRIDE = re.compile(r"^(--)?[A-Za-z_][A-Za-z0-9_.]*=")
+
+
 def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """Split a command line into (config path, overrides).
 
-    Accepts ``[--config] PATH key=value ...``; the path is the one argument without ``=`` (or the
-    one after ``--config``). Raises :class:`ConfigError` on more than one path.
+    Accepts ``[--config] PATH key=value ...``; an override is ``dotted.key=value`` (the key made of
+    letters, digits, ``_`` and dots); the path is the one other argument (or the one after ``--config``),
+    and may itself contain ``=`` (``sweep/lr=1e-5/cfg.yaml``). Raises :class:`ConfigError` on more
+    than one path.
     """
     path, overrides = None, []
     it = iter(argv)
@@ -160,7 +167,7 @@ def parse_cli(argv: Sequence[str]) -> tuple[str | None, list[str]]:
                 raise ConfigError("config error: --config needs a path")
         elif a.startswith("--config="):
             a = a.split("=", 1)[1]
-        elif "=" in a:
+        elif _OVERRIDE.match(a) and not Path(a).is_file():  # a recipe path may contain "=" (sweep folders)
             overrides.append(a[2:] if a.startswith("--") else a)
             continue
         if path is not None:
