@@ -120,7 +120,11 @@ def check_layout_records(res: dict, cases: dict) -> None:
                 assert e < 1e-6, (rank, r["case"], r["mode"], k, e)
             assert r["topk_ids_diff"] == 0.0 and r["max_topk_id"] < 49152, r
             if "loss_err" in r:  # student PP = 1
-                assert r["loss_err"] < 1e-6 and r["grad_err"] < 1e-6 and r["same_grads"], r
+                # full mode: every one of the V teacher logits (fp32, differing by ~1e-7 of their scale between a
+                # TP=2 and a TP=1 teacher: another summation order) enters each logit's gradient; measured 1.15e-6
+                # of the largest gradient on one x86 machine, below 1e-6 on another
+                grad_tol = 1e-6 if r["mode"] == "topk" else 2e-6
+                assert r["loss_err"] < 1e-6 and r["grad_err"] < grad_tol and r["same_grads"], r
             if r["mode"] == "full":
                 assert r["logits_err"] < 1e-6, r
                 assert r["direct_logits_err"] == 0.0, r  # hidden @ W_shard^T == the teacher's own output layer
