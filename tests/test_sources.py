@@ -123,8 +123,12 @@ def test_local_folders(hub, tmp_path):
 
 
 def test_missing_local_path(hub):
-    with pytest.raises(ModelSourceError, match=r"student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist"):
+    with pytest.raises(ModelSourceError, match=r"student.checkpoint = 'checkpoints/mcore/Qwen3-4B-Base' does not exist"
+                       r" .*; expected a Megatron checkpoint$"):
         resolve_model_source("checkpoints/mcore/Qwen3-4B-Base", key="student.checkpoint", kinds=("megatron",))
+    with pytest.raises(ModelSourceError, match=r"expected a Megatron checkpoint, a Hugging Face folder or a cached "
+                                               r"hub id \(org/name\)$"):
+        resolve_model_source("/no/such/folder", key="teacher.hf_path")
     # a hub-shaped value where hub ids are not accepted is just a missing path
     with pytest.raises(ModelSourceError, match=r"does not exist") as e:
         resolve_model_source("ckpt/qwen", key="student.checkpoint", kinds=("megatron",))

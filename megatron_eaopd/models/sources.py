@@ -210,9 +210,11 @@ def resolve_model_source(
                 f"or give a local folder / converted checkpoint instead") from None
         kind, path, assets = "hub", Path(snap), Path(snap)
     else:
-        hub = " or a cached hub id (org/name)" if "hub" in kinds else ""
+        wanted = [w for k, w in (("megatron", "a Megatron checkpoint"), ("hf_dir", "a Hugging Face folder"),
+                                 ("hub", "a cached hub id (org/name)")) if k in kinds]
+        expected = wanted[0] if len(wanted) == 1 else ", ".join(wanted[:-1]) + " or " + wanted[-1]
         raise ModelSourceError(f"{key} = {s!r} does not exist (relative paths resolve against {Path.cwd()}); "
-                               f"expected a Megatron checkpoint, a Hugging Face folder{hub}")
+                               f"expected {expected}")
     if kind not in kinds:
         raise ModelSourceError(f"{key} = {s!r} {_kind_hint(key, kind, s)}")
     _check_assets(key, s, kind, assets, need)
