@@ -285,9 +285,8 @@ def convert_job(root: Path, tmp: Path, *pairs: str, **env: str) -> tuple[subproc
     return p, log.read_text().splitlines()
 
 
-def test_convert_job_skips_only_complete_checkpoints_and_takes_hub_ids(tmp_path):
-    """Review finding 5: a crashed import (only '.iter_0000000.tmp') was 'skipped' and the job exited 0.
-    Review finding 6: the README's hub ids (hf download Qwen/Qwen3-8B, no --local-dir) were refused."""
+def test_convert_job_skips_only_complete_checkpoints(tmp_path):
+    """Review finding 5: a crashed import (only '.iter_0000000.tmp') was 'skipped' and the job exited 0."""
     root = tmp_path / "repo"
     root.mkdir()
     hf = tmp_path / "hf"
@@ -306,7 +305,13 @@ def test_convert_job_skips_only_complete_checkpoints_and_takes_hub_ids(tmp_path)
     assert f"{done} holds a complete checkpoint (iter_0000000): skipped" in p.stdout
     p, calls = convert_job(root, tmp_path, f"{hf}:{done}", FORCE="1")
     assert p.returncode == 0 and len(calls) == 1, (p.stderr, calls)
-    # hub ids: resolved from the local cache like tools/convert_hf.py (which is given the id)
+
+
+def test_convert_job_takes_hub_ids_from_the_cache(tmp_path):
+    """Review finding 6: the README's hub ids (hf download Qwen/Qwen3-8B, no --local-dir) were refused: resolved
+    from the local cache like tools/convert_hf.py (which is given the id)."""
+    root = tmp_path / "repo"
+    root.mkdir()
     _fake_hub_snapshot(tmp_path / "hf_cache", "Qwen/Qwen3-8B")
     p, calls = convert_job(root, tmp_path, f"Qwen/Qwen3-8B:{tmp_path / 'm8'}")
     assert p.returncode == 0 and len(calls) == 1 and "--hf Qwen/Qwen3-8B --out" in calls[0], (p.stderr, calls)
