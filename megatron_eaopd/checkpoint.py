@@ -43,6 +43,7 @@ from megatron_eaopd.dtypes import dtype_name
 __all__ = [
     "FORMAT_VERSION",
     "META_FILE",
+    "EXPORT_MARKER",
     "ASSETS_DIR",
     "iter_dir_name",
     "resolve_checkpoint",
@@ -56,6 +57,9 @@ __all__ = [
 
 FORMAT_VERSION = 1
 META_FILE = "eaopd_checkpoint.json"
+#: written into every Hugging Face export (tools/convert_hf.py export): only a folder that carries it is
+#: ever replaced by a later export (megatron_eaopd.models.convert._check_export_target)
+EXPORT_MARKER = ".eaopd_export.json"
 ASSETS_DIR = "hf_assets"
 LATEST = "latest"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
@@ -135,12 +139,14 @@ def read_checkpoint_metadata(path: str | os.PathLike, iteration: int | None = No
 
 def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
     """Copy config.json, tokenizer files, generation_config.json, chat template... from an HF folder:
-    every plain file except weights and weight indexes (and files > 64 MiB). Returns the names copied."""
+    every plain file except weights, weight indexes, our checkpoint metadata and export marker (and files
+    > 64 MiB). Returns the names copied."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     for f in sorted(src.iterdir()):
-        if not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _WEIGHT_INDEX or f.name == META_FILE:
+        if not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _WEIGHT_INDEX \
+                or f.name in (META_FILE, EXPORT_MARKER):
             continue
         if f.stat().st_size > 64 * 2**20:
             continue

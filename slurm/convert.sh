@@ -4,12 +4,20 @@
 # TP/PP on load). Submit from the repository root:
 #
 #   sbatch slurm/convert.sh                                   # Qwen3-8B + Qwen3-4B-Base (recipes/qwen3_4b.yaml paths)
-#   sbatch slurm/convert.sh HF_DIR:OUT_DIR [HF_DIR:OUT_DIR ...]   # any pairs
+#   sbatch slurm/convert.sh HF:OUT_DIR [HF:OUT_DIR ...]       # any pairs
 #
-# HF_DIR is a local folder (config.json + safetensors), e.g. from
-#   hf download Qwen/Qwen3-8B --local-dir checkpoints/hf/Qwen3-8B
-# Env: DTYPE (bf16), VERIFY=1 (compare logits after converting), FORCE=1 (overwrite an existing
-# OUT_DIR; default: skip it), CONTAINER / CONTAINER_MOUNTS / PYTHON as for slurm/launch.sh.
+# HF is what tools/convert_hf.py import --hf takes: a local folder (config.json + safetensors), or a hub
+# id (ORG/NAME) already in the local Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub, else
+# ~/.cache/huggingface/hub; never downloaded: run `hf download ORG/NAME` on a machine with network,
+# with the same HF_HOME / HF_HUB_CACHE). The defaults are checkpoints/hf/Qwen3-8B and
+# checkpoints/hf/Qwen3-4B-Base when those folders exist (hf download ... --local-dir), else the hub ids
+# Qwen/Qwen3-8B and Qwen/Qwen3-4B-Base from the cache; written to checkpoints/mcore/<name>.
+# An OUT_DIR that already holds a complete checkpoint ('latest' naming an iter_* folder with
+# eaopd_checkpoint.json) is skipped; anything else there (e.g. a crashed conversion's .iter_*.tmp) is
+# converted again, and the converter refuses a folder holding other data.
+# Env: DTYPE (bf16), VERIFY=1 (compare logits after converting), FORCE=1 (convert again even over a
+# complete checkpoint), CONTAINER / CONTAINER_MOUNTS / PYTHON as for slurm/launch.sh (the HF cache
+# must be mounted in the container too).
 # Memory: the converter peaks at ~1.3x the weights above the Python baseline (~25 GB for Qwen3-8B).
 #SBATCH --job-name=eopd-convert
 #SBATCH --nodes=1
@@ -32,13 +40,52 @@ else PYTHON=${PYTHON:-python3}; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-4}} PYTHONUNBUFFERED=1
 unset RANK LOCAL_RANK WORLD_SIZE
 
+# the hub cache folder, in huggingface_hub's order (as megatron_eaopd.models.sources.hub_cache_dir)
+hub_cache() {
+  if [ -n "${HF_HUB_CACHE:-}" ]; then echo "$HF_HUB_CACHE"
+  elif [ -n "${HUGGINGFACE_HUB_CACHE:-}" ]; then echo "$HUGGINGFACE_HUB_CACHE"
+  elif [ -n "${HF_HOME:-}" ]; then echo "$HF_HOME/hub"
+  else echo "${XDG_CACHE_HOME:-$HOME/.cache}/huggingface/hub"; fi
+}
+
+# a hub id's cached snapshot (refs/main) holds config.json: the converter finds it there
+hub_cached() {
+  local repo ref
+  repo="$(hub_cache)/models--${1//\//--}"
+  [ -f "$repo/refs/main" ] || return 1
+  ref=$(tr -d '[:space:]' <"$repo/refs/main")
+  [ -n "$ref" ] && [ -f "$repo/snapshots/$ref/config.json" ]
+}
+
+# complete: 'latest' names an iter_* folder holding eaopd_checkpoint.json (megatron_eaopd/checkpoint.py
+# renames a save into place only when it is complete, and writes 'latest' last)
+complete_checkpoint() {
+  local name
+  [ -f "$1/latest" ] || return 1
+  name=$(tr -d '[:space:]' <"$1/latest")
+  [[ $name == iter_* ]] && [ -f "$1/$name/eaopd_checkpoint.json" ]
+}
+
 PAIRS=("$@")
-[ ${#PAIRS[@]} -gt 0 ] || PAIRS=(checkpoints/hf/Qwen3-8B:checkpoints/mcore/Qwen3-8B
-  checkpoints/hf/Qwen3-4B-Base:checkpoints/mcore/Qwen3-4B-Base)
+if [ ${#PAIRS[@]} -eq 0 ]; then
+  for name in Qwen3-8B Qwen3-4B-Base; do
+    if [ -d "checkpoints/hf/$name" ]; then src=checkpoints/hf/$name; else src=Qwen/$name; fi
+    PAIRS+=("$src:checkpoints/mcore/$name")
+  done
+fi
+HUB_ID='^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$'
 for pair in "${PAIRS[@]}"; do   # check everything before converting anything
-  [[ $pair == *:* ]] || eaopd_die "argument '$pair' is not HF_DIR:OUT_DIR"
+  [[ $pair == *:* ]] || eaopd_die "argument '$pair' is not HF:OUT_DIR"
   hf=${pair%%:*}
-  [ -f "$hf/config.json" ] || eaopd_die "$hf/config.json not found: download the model first, e.g. hf download Qwen/$(basename "$hf") --local-dir $hf"
+  out=${pair#*:}
+  if [ -z "$hf" ] || [ -z "$out" ]; then eaopd_die "argument '$pair' is not HF:OUT_DIR"; fi
+  if [ -e "$hf" ]; then
+    [ -f "$hf/config.json" ] || eaopd_die "$hf/config.json not found: $hf is not a Hugging Face model folder"
+  elif [[ $hf =~ $HUB_ID ]]; then
+    hub_cached "$hf" || eaopd_die "$hf is neither a local folder (in $ROOT) nor in the Hugging Face cache $(hub_cache): on a machine with network, with the same HF_HOME / HF_HUB_CACHE, run: hf download $hf (or hf download $hf --local-dir checkpoints/hf/${hf##*/} and pass that folder)"
+  else
+    eaopd_die "$hf does not exist (in $ROOT): give a Hugging Face folder or a cached hub id (ORG/NAME)"
+  fi
 done
 echo "convert job $SLURM_JOB_ID on ${SLURMD_NODENAME:-?}: ${PAIRS[*]} (dtype ${DTYPE:-bf16}, python $PYTHON, container ${CONTAINER:-none})"
 
@@ -47,9 +94,13 @@ for pair in "${PAIRS[@]}"; do
   hf=${pair%%:*}
   out=${pair#*:}
   i=$((i + 1))
-  if [ -d "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ] && [ "${FORCE:-0}" != 1 ]; then
-    echo "[convert] $out exists: skipped (FORCE=1 overwrites)"
-    continue
+  if complete_checkpoint "$out"; then
+    if [ "${FORCE:-0}" != 1 ]; then
+      echo "[convert] $out holds a complete checkpoint ($(tr -d '[:space:]' <"$out/latest")): skipped (FORCE=1 converts again)"
+      continue
+    fi
+  elif [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+    echo "[convert] $out exists but holds no complete checkpoint (no 'latest' naming an iter_* folder with eaopd_checkpoint.json, e.g. a crashed conversion): converting again"
   fi
   args=(tools/convert_hf.py import --hf "$hf" --out "$out" --dtype "${DTYPE:-bf16}" --no-progress)
   [ "${VERIFY:-0}" = 1 ] && args+=(--verify)

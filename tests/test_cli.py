@@ -76,5 +76,5 @@ def test_convert_cli_errors_name_the_fix(installed, tmp_path):
            "HF_ENDPOINT": "http://127.0.0.1:9"}
     p = subprocess.run([sys.executable, str(target / "bin" / "eaopd-convert"), "import", "--hf", "Qwen/Qwen3-8B",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
-    assert p.returncode == 1 and "--hf = 'Qwen/Qwen3-8B'" in p.stderr and "hf download Qwen/Qwen3-8B" in p.stderr, p.stderr
+    assert p.returncode == 2 and "--hf = 'Qwen/Qwen3-8B'" in p.stderr and "hf download Qwen/Qwen3-8B" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists()

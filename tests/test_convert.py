@@ -166,14 +166,14 @@ def test_export_bf16_and_atomic_layout(work, roundtrip, tmp_path):
 
 def test_cli_errors(work, tmp_path):
     p = _cli("export", "--ckpt", work / "hf" / "qwen3_tied", "--out", tmp_path / "x")
-    assert p.returncode == 1 and "Hugging Face model folder, not a Megatron checkpoint" in p.stderr and "convert_hf.py import" in p.stderr
+    assert p.returncode == 2 and "Hugging Face model folder, not a Megatron checkpoint" in p.stderr and "convert_hf.py import" in p.stderr
     fake = tmp_path / "ckpt"
     (fake / "iter_0000003").mkdir(parents=True)
     (fake / "latest").write_text("iter_0000003\n")
     p = _cli("import", "--hf", fake, "--out", tmp_path / "y")
-    assert p.returncode == 1 and "is a Megatron checkpoint" in p.stderr and "convert_hf.py export" in p.stderr
+    assert p.returncode == 2 and "is a Megatron checkpoint" in p.stderr and "convert_hf.py export" in p.stderr
     p = _cli("import", "--hf", work / "hf" / "qwen3_tied", "--out", tmp_path / "z", "--tp", "2")
-    assert p.returncode == 1 and "needs a multiple of 2 processes but this run has 1" in p.stderr
+    assert p.returncode == 2 and "needs a multiple of 2 processes but this run has 1" in p.stderr
 
 
 def test_error_messages(work, tmp_path):
@@ -270,7 +270,7 @@ def test_converter_refuses_destructive_targets(tmp_path):
         _check_export_target(ckpt, ckpt)
     with pytest.raises(ValueError, match="is \\(or contains\\) the checkpoint being exported"):
         _check_export_target(ckpt / "iter_0000004", ckpt)
-    with pytest.raises(ValueError, match="not a previous Hugging Face export"):
+    with pytest.raises(ValueError, match="non-empty folder that this exporter did not write"):
         _check_export_target(ckpt, home)
     with pytest.raises(ValueError, match="holds a Megatron checkpoint"):
         _check_export_target(tmp_path / "elsewhere", ckpt)
@@ -278,9 +278,139 @@ def test_converter_refuses_destructive_targets(tmp_path):
     prev.mkdir()
     (prev / "config.json").write_text("{}")
     (prev / "model.safetensors").write_text("")
-    _check_export_target(ckpt, prev)  # re-export over a previous export is fine
+    with pytest.raises(ValueError, match="did not write \\(no .eaopd_export.json"):  # a downloaded model looks the same
+        _check_export_target(ckpt, prev)
+    (prev / ".eaopd_export.json").write_text("{}")
+    _check_export_target(ckpt, prev)  # re-export over a previous export (it carries the marker) is fine
     _check_export_target(ckpt, tmp_path / "new")  # as is a new folder
     with pytest.raises(ValueError, match="holds training checkpoints \\(iter_0000004\\)"):
         _check_import_target(ckpt)
     _check_import_target(tmp_path / "fresh")
     assert (home / "important.txt").read_text() == "precious"
+
+
+# ------------------------------------------------------------------ review: data safety, argument checks
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """A tiny model imported through the CLI: (hf folder, checkpoint root)."""
+    w = tmp_path_factory.mktemp("tinyckpt")
+    hf = make_tiny("qwen3_tied", w / "hf")
+    _summary(_cli("import", "--hf", hf, "--out", w / "ckpt", "--no-progress"))
+    return hf, w / "ckpt"
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): (p.read_bytes() if p.is_file() else None) for p in sorted(d.rglob("*"))}
+
+
+def _bad_input(p, needle: str) -> None:
+    """Exit 2, one error line naming the problem, no traceback."""
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("[convert_hf] error:")]
+    assert len(lines) == 1 and needle in lines[0], p.stderr[-3000:]
+
+
+def test_export_replaces_only_its_own_earlier_exports(tiny_ckpt, tmp_path):
+    """Review finding 1+2: export deleted any folder with config.json + safetensors (a downloaded base model
+    with its README and subfolders) and any sibling '<out>.tmp'."""
+    hf, ckpt = tiny_ckpt
+    dl = tmp_path / "Qwen3-4B-Base"
+    shutil.copytree(hf, dl)
+    (dl / "README.md").write_text("model card")
+    (dl / "original").mkdir()
+    (dl / "original" / "params.json").write_text("{}")
+    before = _tree(dl)
+    p = _cli("export", "--ckpt", ckpt, "--out", dl, "--no-progress")
+    _bad_input(p, "did not write (no .eaopd_export.json")
+    assert f"--out {dl}-export" in p.stderr and f"remove {dl} yourself" in p.stderr
+    assert _tree(dl) == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["Qwen3-4B-Base"]  # nothing half-written
+
+    out = tmp_path / "exp"
+    (tmp_path / "exp.tmp").mkdir()
+    (tmp_path / "exp.tmp" / "keep.txt").write_text("someone else's")
+    _summary(_cli("export", "--ckpt", ckpt, "--out", out, "--max-shard-size", "150KB", "--no-progress"))
+    assert (tmp_path / "exp.tmp" / "keep.txt").read_text() == "someone else's"
+    marker = json.loads((out / ".eaopd_export.json").read_text())
+    assert marker["checkpoint"] == str(ckpt.resolve()) and marker["iteration"] == 0
+    assert (out / "model.safetensors.index.json").is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["Qwen3-4B-Base", "exp", "exp.tmp"]
+    # an earlier export (it carries the marker) is replaced as a whole: one shard now, no stale index
+    _summary(_cli("export", "--ckpt", ckpt, "--out", out, "--no-progress"))
+    assert (out / "model.safetensors").is_file() and not (out / "model.safetensors.index.json").exists()
+    assert (out / ".eaopd_export.json").is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["Qwen3-4B-Base", "exp", "exp.tmp"]
+    assert (tmp_path / "exp.tmp" / "keep.txt").read_text() == "someone else's"
+
+
+def test_failed_export_leaves_nothing(tiny_ckpt, tmp_path):
+    """Review finding 2: a failure after the temp folder exists removes it (and the folders this run created)."""
+    _, ckpt = tiny_ckpt
+    code = ("import sys\nimport megatron_eaopd.models.convert as c\n"
+            "def boom(*a, **k):\n    raise RuntimeError('boom')\n"
+            "c.copy_hf_assets = boom\n"
+            "try:\n    c.export_hf(sys.argv[1], sys.argv[2], progress=False)\nexcept RuntimeError as e:\n    print('RAISED', e)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    env.pop("MASTER_PORT", None)
+    p = subprocess.run([sys.executable, "-c", code, str(ckpt), str(tmp_path / "a" / "b" / "exp")], capture_output=True,
+                       text=True, env=env, timeout=300, cwd=tmp_path)
+    assert "RAISED boom" in p.stdout, p.stdout[-2000:] + p.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parse_size_rejects_non_positive_and_non_finite():
+    from megatron_eaopd.models.convert import parse_size
+
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(1000) == 1000
+    for bad, needle in (("infGB", "not a finite size"), ("nanMB", "not a finite size"), ("1e400GB", "not a finite size"),
+                        ("0", "must be a positive"), ("-5GB", "must be a positive"), ("0.5B", "must be a positive"),
+                        (0, "must be a positive"), ("2XB", "cannot parse"), ("", "cannot parse")):
+        with pytest.raises(ValueError, match=needle) as e:
+            parse_size(bad)
+        assert "2GB" in str(e.value)
+    with pytest.raises(ValueError, match="--max-shard-size '-5GB' must be a positive"):
+        parse_size("-5GB", "--max-shard-size")
+
+
+def test_cli_bad_arguments_exit_2_before_loading(tiny_ckpt, tmp_path):
+    """Review finding 3: tracebacks (FileExistsError after a whole conversion, ZeroDivisionError, OverflowError),
+    checks after loading the model, temp folders left behind, negative / zero shard sizes accepted."""
+    hf, ckpt = tiny_ckpt
+    f = tmp_path / "afile"
+    f.write_text("data")
+    _bad_input(_cli("import", "--hf", hf, "--out", f, "--no-progress"), f"--out {f} is a file")
+    _bad_input(_cli("import", "--hf", hf, "--out", f / "sub", "--no-progress"), f"is under {f}, which is a file")
+    assert f.read_text() == "data"
+    _bad_input(_cli("import", "--hf", hf, "--out", tmp_path / "m", "--tp", "0"), "--tp 0 must be an integer >= 1")
+    for size, needle in (("infGB", "not a finite size"), ("2XB", "cannot parse --max-shard-size '2XB'"),
+                         ("0", "must be a positive"), ("-5GB", "must be a positive")):
+        _bad_input(_cli("export", "--ckpt", ckpt, "--out", tmp_path / "e", f"--max-shard-size={size}"), needle)
+    assert [x.name for x in tmp_path.iterdir()] == ["afile"]  # no checkpoint, export or temp folder
+
+
+def test_import_refuses_source_and_foreign_folders(tiny_ckpt, tmp_path):
+    """Review finding 4: import into the HF source folder (or any folder holding other data) mixed the files."""
+    from megatron_eaopd.models.convert import _check_import_target
+
+    hf, _ = tiny_ckpt
+    src = tmp_path / "src"
+    shutil.copytree(hf, src)
+    before = _tree(src)
+    _bad_input(_cli("import", "--hf", src, "--out", src, "--no-progress"), f"--out {src} is the Hugging Face source folder")
+    assert _tree(src) == before
+    other = tmp_path / "other"
+    (other / "notes").mkdir(parents=True)
+    (other / "README.md").write_text("x")
+    _bad_input(_cli("import", "--hf", src, "--out", other, "--no-progress"), "not a checkpoint written by this project")
+    assert sorted(x.name for x in other.iterdir()) == ["README.md", "notes"]
+    with pytest.raises(ValueError, match="inside the Hugging Face source folder"):
+        _check_import_target(src / "mcore", src)
+    with pytest.raises(ValueError, match="contains the Hugging Face source folder"):
+        _check_import_target(tmp_path, src)
+    crashed = tmp_path / "crashed"  # a crashed import's leftovers: converted again (the save clears them)
+    (crashed / ".iter_0000000.tmp").mkdir(parents=True)
+    _check_import_target(crashed, src)
+    _check_import_target(tmp_path / "new", src)

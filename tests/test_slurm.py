@@ -267,6 +267,70 @@ def test_recipe_check_passes_with_everything_in_place(tmp_path):
     assert p.returncode == 1 and "student.hf_path = 'Qwen/Qwen3-4B-Base'" in p.stderr and "weight" in p.stderr, p.stderr
 
 
+def convert_job(root: Path, tmp: Path, *pairs: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """slurm/convert.sh in a faked job whose repository root is ``root`` (its slurm/ links to this one's), with
+    ``srun`` stubbed: returns the process and the srun command lines (nothing is converted)."""
+    (root / "slurm").exists() or (root / "slurm").symlink_to(ROOT / "slurm")
+    stub = tmp / "bin" / "srun"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$*" >> "$SRUN_LOG"\n')
+    stub.chmod(0o755)
+    log = tmp / "srun.log"
+    log.write_text("")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "HF_", "HUGGINGFACE_"))}
+    base.update({"SLURM_JOB_ID": "99", "SLURM_SUBMIT_DIR": str(root), "PATH": f"{stub.parent}:{os.environ['PATH']}",
+                 "SRUN_LOG": str(log), "PYTHON": "python3", "HF_HUB_CACHE": str(tmp / "hf_cache"), **env})
+    p = subprocess.run(["bash", str(ROOT / "slurm" / "convert.sh"), *pairs], capture_output=True, text=True, env=base,
+                       cwd="/", timeout=60)
+    return p, log.read_text().splitlines()
+
+
+def test_convert_job_skips_only_complete_checkpoints(tmp_path):
+    """Review finding 5: a crashed import (only '.iter_0000000.tmp') was 'skipped' and the job exited 0."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    crashed, done, dangling = tmp_path / "crashed", tmp_path / "done", tmp_path / "dangling"
+    (crashed / ".iter_0000000.tmp").mkdir(parents=True)
+    _fake_checkpoint(done)
+    _fake_checkpoint(dangling)
+    (dangling / "latest").write_text("iter_0000003\n")  # names a folder that is not there
+    p, calls = convert_job(root, tmp_path, f"{hf}:{crashed}", f"{hf}:{done}", f"{hf}:{dangling}")
+    assert p.returncode == 0, p.stderr
+    outs = [c.split("--out ")[1].split()[0] for c in calls]
+    assert outs == [str(crashed), str(dangling)], calls
+    assert f"{crashed} exists but holds no complete checkpoint" in p.stdout
+    assert f"{done} holds a complete checkpoint (iter_0000000): skipped" in p.stdout
+    p, calls = convert_job(root, tmp_path, f"{hf}:{done}", FORCE="1")
+    assert p.returncode == 0 and len(calls) == 1, (p.stderr, calls)
+
+
+def test_convert_job_takes_hub_ids_from_the_cache(tmp_path):
+    """Review finding 6: the README's hub ids (hf download Qwen/Qwen3-8B, no --local-dir) were refused: resolved
+    from the local cache like tools/convert_hf.py (which is given the id)."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _fake_hub_snapshot(tmp_path / "hf_cache", "Qwen/Qwen3-8B")
+    p, calls = convert_job(root, tmp_path, f"Qwen/Qwen3-8B:{tmp_path / 'm8'}")
+    assert p.returncode == 0 and len(calls) == 1 and "--hf Qwen/Qwen3-8B --out" in calls[0], (p.stderr, calls)
+    p, calls = convert_job(root, tmp_path, f"Qwen/Nope-1B:{tmp_path / 'm1'}")
+    assert p.returncode == 1 and not calls
+    assert "hf download Qwen/Nope-1B" in p.stderr and str(tmp_path / "hf_cache") in p.stderr, p.stderr
+    # the defaults: the local folder checkpoints/hf/<name> when it is there, else the cached hub id
+    p, calls = convert_job(root, tmp_path)
+    assert p.returncode == 1 and not calls and "hf download Qwen/Qwen3-8B" not in p.stderr
+    assert "hf download Qwen/Qwen3-4B-Base" in p.stderr, p.stderr
+    (root / "checkpoints" / "hf" / "Qwen3-4B-Base").mkdir(parents=True)
+    (root / "checkpoints" / "hf" / "Qwen3-4B-Base" / "config.json").write_text("{}")
+    p, calls = convert_job(root, tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert [c.split("--hf ")[1].split()[:3] for c in calls] == [
+        ["Qwen/Qwen3-8B", "--out", "checkpoints/mcore/Qwen3-8B"],
+        ["checkpoints/hf/Qwen3-4B-Base", "--out", "checkpoints/mcore/Qwen3-4B-Base"]], calls
+
+
 def test_launcher_container_args(slurm_client):
     p = launch(fake_job_env(CHECK_PATHS=0, ALLOW_CPU=1, CONTAINER="nvcr.io#nvidia/pytorch:25.01-py3",
                             CONTAINER_MOUNTS="/data:/data", PYTHON=ROOT / ".venv" / "bin" / "python"),

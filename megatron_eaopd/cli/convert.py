@@ -7,8 +7,11 @@
 ``--hf`` is a local Hugging Face folder or a hub id already in the local Hugging Face cache (never
 downloaded: ``hf download ORG/NAME`` first). Runs as one process (the checkpoint reshards to any
 TP/PP on load). ``import`` may also run under ``torchrun --nproc-per-node N`` with ``--tp/--pp``.
-Exit code 0 on success, 1 on a bad input or a failed ``--verify`` (the message says what and how to
-fix it). All logic is in ``megatron_eaopd.models.convert``.
+Exit codes: 0 success; 2 bad input (a path, an option value, an ``--out`` that holds other data: one line
+says what and how to fix it, and nothing is written); 1 a failed ``--verify`` or another failure. ``export``
+replaces ``--out`` only when it is an earlier export of this tool (it carries ``.eaopd_export.json``);
+``import`` writes only into a new or empty folder or an earlier import's checkpoint. All logic is in
+``megatron_eaopd.models.convert``.
 """
 
 from __future__ import annotations
@@ -27,16 +30,18 @@ def _parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import", help="HF folder -> Megatron checkpoint")
     im.add_argument("--hf", required=True, help="HF model folder (config.json + safetensors/.bin), or a hub id in the "
                                                 "local Hugging Face cache (hf download ORG/NAME)")
-    im.add_argument("--out", required=True, help="checkpoint root to write")
+    im.add_argument("--out", required=True, help="checkpoint root to write: new, empty, or an earlier import's "
+                                                 "(re-imported in place)")
     im.add_argument("--tp", type=int, default=1, help="tensor parallel size (needs that many ranks; the result reshards anyway)")
     im.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     im.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: the source's dtype)")
     ex = sub.add_parser("export", help="Megatron checkpoint -> HF folder")
     ex.add_argument("--ckpt", required=True, help="checkpoint root (with 'latest') or an iter_* folder")
-    ex.add_argument("--out", required=True, help="HF folder to write")
+    ex.add_argument("--out", required=True, help="HF folder to write: new, empty, or an earlier export of this tool "
+                                                 "(it carries .eaopd_export.json; any other folder is refused)")
     ex.add_argument("--iteration", type=int, default=None, help="iteration to export (default: latest)")
     ex.add_argument("--dtype", default=None, help="bf16|fp16|fp32 (default: the checkpoint's dtype)")
-    ex.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 2GB, 500MB")
+    ex.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (> 0), e.g. 2GB, 500MB")
     for p in (im, ex):
         p.add_argument("--verify", action="store_true", help="compare logits of source and result; exit 1 beyond --atol")
         p.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| accepted by --verify")
@@ -55,7 +60,7 @@ def _fmt(s: dict, what: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 success, 1 bad input or failed ``--verify``)."""
+    """CLI entry point; returns the exit code (0 success, 2 bad input, 1 failed ``--verify`` or other failure)."""
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "prepare-smollm2":
@@ -83,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             s = convert.export_hf(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
                                   max_shard_size=args.max_shard_size, verify=args.verify, atol=args.atol,
                                   progress=not args.no_progress)
-    except (FileNotFoundError, NotImplementedError, ValueError, KeyError, RuntimeError) as e:
+    except (FileNotFoundError, NotImplementedError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"[convert_hf] error: {msg}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as e:  # a failed --verify; a full disk, a permission
+        print(f"[convert_hf] error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(_fmt(s, args.cmd))

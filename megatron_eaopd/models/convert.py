@@ -18,8 +18,11 @@ is :mod:`megatron_eaopd.models.mapping`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +32,11 @@ from tqdm import tqdm
 
 from megatron_eaopd.checkpoint import (
     ASSETS_DIR,
+    EXPORT_MARKER,
     LATEST,
     META_FILE,
     copy_hf_assets,
+    iter_dir_name,
     load_checkpoint,
     read_checkpoint_metadata,
     save_checkpoint,
@@ -50,25 +55,38 @@ __all__ = ["HFTensorReader", "load_hf_weights", "import_hf", "export_hf", "verif
 _SEED = 1234
 
 
-def parse_size(s: str | int) -> int:
+def parse_size(s: str | int, key: str = "size") -> int:
     """``"2GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units as transformers uses).
 
+    Args:
+        key: names the value in the error (e.g. ``"--max-shard-size"``).
     Raises:
-        ValueError: unparseable size.
+        ValueError: unparseable, not finite (``infGB``) or not a positive number of bytes (``0``, ``-5GB``).
     """
-    if isinstance(s, int):
-        return s
-    t = str(s).strip().upper()
-    for unit, mul in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if t.endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * mul)
-            except ValueError:
+    fix = "use e.g. 2GB, 500MB or a byte count"
+    if isinstance(s, bool) or not isinstance(s, (int, str)):
+        raise ValueError(f"{key} {s!r} is not a size; {fix}")
+    n: int | None = s if isinstance(s, int) else None
+    if n is None:
+        t = str(s).strip().upper()
+        for unit, mul in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+            if t.endswith(unit):
+                try:
+                    v = float(t[: -len(unit)])
+                except ValueError:
+                    break
+                if not math.isfinite(v):
+                    raise ValueError(f"{key} {s!r} is not a finite size; {fix}")
+                n = int(v * mul)
                 break
-    try:
-        return int(t)
-    except ValueError:
-        raise ValueError(f"cannot parse size {s!r}; use e.g. 2GB, 500MB or a byte count") from None
+        if n is None:
+            try:
+                n = int(t)
+            except ValueError:
+                raise ValueError(f"cannot parse {key} {s!r}; {fix}") from None
+    if n <= 0:
+        raise ValueError(f"{key} {s!r} must be a positive number of bytes; {fix}")
+    return n
 
 
 def _layer_offset(model) -> int:
@@ -129,26 +147,70 @@ def _model_bytes(model_chunks) -> int:
     return sum(p.numel() * p.element_size() for c in model_chunks for p in c.parameters())
 
 
+#: what a checkpoint root written by :func:`~megatron_eaopd.checkpoint.save_checkpoint` holds, a crashed save's
+#: leftovers included (``.iter_NNNNNNN.tmp``); anything else in an import target is someone else's data
+_CKPT_ENTRY = re.compile(r"^(latest|\.latest\.tmp|iter_\d{7}|\.iter_\d{7}\.(tmp|old))$")
+_SHOWN_NAMES = 5
+
+
+def _shown(names: list[str]) -> str:
+    names = sorted(names)
+    return ", ".join(names[:_SHOWN_NAMES]) + (f" ... ({len(names)} entries)" if len(names) > _SHOWN_NAMES else "")
+
+
+def _check_not_under_file(out: Path) -> None:
+    """``out`` (or the first of its parents that exists) must be a folder."""
+    for a in (out, *out.parents):
+        if a.exists() or a.is_symlink():
+            if not a.is_dir():
+                what = "is a file" if a == out else f"is under {a}, which is a file"
+                raise ValueError(f"--out {out} {what}; give a folder path (a new folder is created)")
+            return
+
+
 def _check_export_target(ckpt: Path, out: Path) -> None:
     """Refuse an export target that would destroy data: the checkpoint itself (or a folder holding it),
-    a Megatron checkpoint, or a non-empty folder that is not a previous Hugging Face export."""
+    a file, a Megatron checkpoint, or any non-empty folder without the marker a previous export of this
+    tool writes (:data:`~megatron_eaopd.checkpoint.EXPORT_MARKER`): a downloaded model is never replaced."""
     ck, o = Path(ckpt).resolve(), Path(out).resolve()
     if o == ck or o in ck.parents:
         raise ValueError(f"--out {out} is (or contains) the checkpoint being exported ({ckpt}); choose a new folder")
-    if o.is_file():
-        raise ValueError(f"--out {out} is a file; give a folder path")
+    _check_not_under_file(Path(out))
     if o.is_dir() and any(o.iterdir()):
-        names = {p.name for p in o.iterdir()}
-        if "latest" in names or any(n.startswith("iter_") for n in names):
-            raise ValueError(f"--out {out} holds a Megatron checkpoint; refusing to replace it with an HF export")
-        if "config.json" not in names or not any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names):
-            raise ValueError(f"--out {out} is a non-empty folder that is not a previous Hugging Face export; "
-                             f"choose an empty or new folder (nothing was written)")
+        names = [p.name for p in o.iterdir()]
+        if LATEST in names or any(n.startswith("iter_") for n in names):
+            raise ValueError(f"--out {out} holds a Megatron checkpoint; refusing to replace it with an HF export. "
+                             f"Choose a new folder (nothing was written)")
+        if (o / EXPORT_MARKER).is_file():
+            return  # a previous export of this tool: replaced as a whole
+        raise ValueError(f"--out {out} is a non-empty folder that this exporter did not write (no {EXPORT_MARKER}; "
+                         f"it holds {_shown(names)}), so it is not replaced and nothing was written. Export to a new "
+                         f"folder (e.g. --out {out}-export), or remove {out} yourself if nothing in it is needed")
 
 
-def _check_import_target(out: Path) -> None:
-    """Refuse to write a converted model (iteration 0) into a training run's checkpoint folder."""
+def _check_import_target(out: Path, hf_dir: str | os.PathLike | None = None) -> None:
+    """Refuse an import target that is a file, the HF source folder (or inside / around it), a non-empty
+    folder that is not a checkpoint root of this project, or a training run's checkpoint folder (the
+    import, iteration 0, would move its ``latest`` back). An earlier import's checkpoint (only
+    ``iter_0000000``, not a training one) is re-imported in place; a crashed import's ``.iter_*.tmp`` is
+    cleared by the save."""
     o = Path(out)
+    _check_not_under_file(o)
+    if hf_dir is not None:
+        src, dst = Path(hf_dir).resolve(), o.resolve()
+        if dst == src or src in dst.parents:
+            where = "the" if dst == src else "inside the"
+            raise ValueError(f"--out {out} is {where} Hugging Face source folder {hf_dir}; the checkpoint would be "
+                             f"mixed into the model's files. Choose a folder outside it (e.g. checkpoints/mcore/{src.name})")
+        if dst in src.parents:
+            raise ValueError(f"--out {out} contains the Hugging Face source folder {hf_dir}; choose a new folder "
+                             f"(e.g. checkpoints/mcore/{src.name})")
+    if o.is_dir():
+        foreign = [p.name for p in o.iterdir() if not _CKPT_ENTRY.match(p.name)]
+        if foreign:
+            raise ValueError(f"--out {out} is a non-empty folder that is not a checkpoint written by this project (it "
+                             f"holds {_shown(foreign)}); nothing was written. Choose a new or empty folder, or remove "
+                             f"{out} yourself if nothing in it is needed")
     if not (o / LATEST).is_file():
         if o.is_dir() and any(p.name.startswith("iter_") for p in o.iterdir()):
             raise ValueError(f"--out {out} already holds checkpoints; choose a new folder")
@@ -180,8 +242,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         shapes or missing tensors (each names the problem); RuntimeError: verification failed.
     """
     t0 = time.perf_counter()
+    for name, v in (("--tp", tp), ("--pp", pp)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} {v!r} must be an integer >= 1 (1 is fine: the checkpoint reshards to any TP/PP on load)")
     files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
-    _check_import_target(Path(out))
+    _check_import_target(Path(out), hf_dir)
     args = hf_to_gpt_args(hf_dir)
     dt = parse_dtype(dtype, args.source_dtype or torch.bfloat16)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -194,8 +259,16 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
     chunks, info = build_gpt_model(hf_dir, params_dtype=dt, perform_initialization=False)
     n = load_hf_weights(chunks, files, progress=progress)
     nbytes = _model_bytes(chunks)
-    path = save_checkpoint(out, 0, chunks, model_info=info, hf_assets=hf_dir,
-                           extra_metadata={"source": str(Path(hf_dir).resolve()), "converted_by": "megatron_eaopd.import_hf"})
+    root = Path(out)
+    new_dirs = [a for a in (root, *root.parents) if not a.exists()]
+    try:
+        path = save_checkpoint(out, 0, chunks, model_info=info, hf_assets=hf_dir,
+                               extra_metadata={"source": str(Path(hf_dir).resolve()), "converted_by": "megatron_eaopd.import_hf"})
+    except BaseException:
+        if is_rank0():  # nothing half-written: this save's temp folder, and the folders it created
+            shutil.rmtree(root / f".{iter_dir_name(0)}.tmp", ignore_errors=True)
+            _remove_empty(new_dirs)
+        raise
     del chunks
     summary = {"params": _allreduce_sum(n), "bytes": _allreduce_sum(nbytes), "seconds": time.perf_counter() - t0,
                "dtype": dtype_name(dt), "path": str(path)}
@@ -207,6 +280,31 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         load_checkpoint(path, vchunks)
         summary["verify"] = require_passed(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
     return summary
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the folders of ``dirs`` (deepest first) that are empty: those a failed run created."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out``; a previous export there (checked by the caller) is moved
+    aside first and deleted only once the new one is in place (put back if the rename fails)."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+    os.replace(out, old)  # onto the empty folder mkdtemp made
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _allreduce_sum(x: int) -> int:
@@ -270,7 +368,9 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
 
     Runs in one process at TP=PP=1 (torch_dist reshards on load). Padded vocabulary rows are
     dropped; tied models store only ``embed_tokens`` (as ``save_pretrained`` does, no shared-tensor
-    error, B22). The folder is written to ``out.tmp`` and renamed when complete.
+    error, B22). The folder is written to a fresh temp folder next to ``out`` (``.NAME.tmp-*``) and renamed
+    when complete; it carries ``.eaopd_export.json`` (source checkpoint, iteration). ``out`` must be new, empty
+    or an earlier export (it has that marker): any other folder is refused, never replaced.
 
     Args:
         dtype: output dtype; default the dtype recorded in the checkpoint, else bf16.
@@ -280,9 +380,11 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         summary ``{"params", "bytes", "seconds", "dtype", "path", "verify"?}``.
     Raises:
         FileNotFoundError: not a checkpoint (an HF folder names the ``import`` command);
+        ValueError: bad ``max_shard_size`` / ``dtype``, or an ``out`` that is not new, empty or an earlier export;
         RuntimeError: verification failed.
     """
     t0 = time.perf_counter()
+    max_shard = parse_size(max_shard_size, "--max-shard-size")  # every argument is checked before loading anything
     meta = read_checkpoint_metadata(ckpt, iteration)
     src = Path(meta["path"])
     assets = src / ASSETS_DIR
@@ -298,10 +400,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     spec = info.mapping_spec
     params = dict(m.named_parameters())
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    new_dirs = [a for a in out.parents if not a.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # this run's own: never another's
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # the permissions of a plain mkdir, not mkdtemp's 0700
 
     def gen():
         for name in megatron_names(spec):
@@ -309,17 +413,25 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
                 raise KeyError(f"model has no parameter {name!r}")
             yield from to_hf(name, params[name].detach(), spec)
 
-    n, nbytes = _write_shards(gen(), tmp, parse_size(max_shard_size), out_dtype, progress)
-    copy_hf_assets(assets, tmp)
-    cfg = json.loads((tmp / "config.json").read_text())
-    if out_dtype != parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype"), None):
-        cfg["dtype"] = dtype_name(out_dtype)
-        if "torch_dtype" in cfg:
-            cfg["torch_dtype"] = dtype_name(out_dtype)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        n, nbytes = _write_shards(gen(), tmp, max_shard, out_dtype, progress)
+        copy_hf_assets(assets, tmp)
+        cfg = json.loads((tmp / "config.json").read_text())
+        if out_dtype != parse_dtype(cfg.get("dtype") or cfg.get("torch_dtype"), None):
+            cfg["dtype"] = dtype_name(out_dtype)
+            if "torch_dtype" in cfg:
+                cfg["torch_dtype"] = dtype_name(out_dtype)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        marker = {"converted_by": "megatron_eaopd.export_hf", "checkpoint": str(Path(ckpt).resolve()),
+                  "iteration": meta.get("iteration"), "iteration_dir": str(src.resolve()), "dtype": dtype_name(out_dtype),
+                  "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _check_export_target(Path(ckpt), out)  # again: nothing foreign appeared there while this ran
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(new_dirs)
+        raise
     summary = {"params": n, "bytes": nbytes, "seconds": time.perf_counter() - t0, "dtype": dtype_name(out_dtype), "path": str(out)}
     if verify:
         del chunks, m, params
