@@ -271,7 +271,7 @@ VALIDATION_SCRIPT = textwrap.dedent("""
 
 
 
-    if __name__ == "__main__":  # GradingPool's forkserver re-imports __main__
+    if __name__ == "__main__":
         main()
 """)
 
