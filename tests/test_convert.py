@@ -284,3 +284,21 @@ def test_converter_refuses_destructive_targets(tmp_path):
         _check_import_target(ckpt)
     _check_import_target(tmp_path / "fresh")
     assert (home / "important.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["import", "--hf", "HF", "--out", "OUT", "--atol", "-1"],
+     "--atol must be a finite number >= 0 (the largest |logit diff| --verify accepts), got -1"),
+    (["export", "--ckpt", "HF", "--out", "OUT", "--verify", "--atol", "nan"], "--atol must be a finite number >= 0"),
+    (["import", "--hf", "HF", "--out", "OUT", "--tp", "0"], "--tp and --pp must be >= 1, got --tp 0 --pp 1"),
+    (["export", "--ckpt", "HF", "--out", "OUT", "--iteration", "-3"], "--iteration must be >= 0, got -3"),
+])
+def test_cli_rejects_impossible_numbers_first(tmp_path, capsys, args, needle):
+    from megatron_eaopd.cli.convert import main
+
+    # the path checks would fail too (HF does not exist): the number is named first, nothing is written
+    argv = [str(tmp_path / a) if a in ("HF", "OUT") else a for a in args]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"[convert_hf] error: {needle}") and err.count("\n") == 1, err
+    assert not (tmp_path / "OUT").exists()
