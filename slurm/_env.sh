@@ -10,6 +10,8 @@
 #   eaopd_gpus_per_node            GPUs visible to the batch step on this node (0 on CPU)
 #   eaopd_dist_env                 NCCL/torch/threading defaults (never overrides a set variable)
 #   eaopd_container_args ROOT      pyxis options for srun when CONTAINER is set (array EAOPD_CONTAINER_ARGS)
+#   eaopd_pin_checkpoint MODEL     a checkpoint root -> the iter_* folder it names now (else MODEL unchanged)
+#   eaopd_eval_out MODEL           evaluate.sh's default output folder for a (pinned) model
 #   eaopd_die MSG                  print "error: MSG" to stderr and exit 1
 #
 # Node identity: emulated nodes (slurmd -N) all report the same `hostname`, and on real
@@ -155,4 +157,41 @@ eaopd_container_args() {
   # shellcheck disable=SC2034
   EAOPD_CONTAINER_ARGS=(--container-image="$CONTAINER" --container-mounts="$mounts"
     --container-workdir="$root" --no-container-mount-home)
+}
+
+# A checkpoint root (with 'latest', or iter_* folders) -> the iter_* folder it means NOW ('latest',
+# else the newest complete iter_*); anything else is printed unchanged. slurm/evaluate.sh evaluates
+# the pinned folder, so the weights and the output folder agree while training keeps saving.
+eaopd_pin_checkpoint() {
+  local m=${1%/} name iters
+  if [ -f "$m/eaopd_checkpoint.json" ]; then
+    printf '%s\n' "$m"
+  elif [ -f "$m/latest" ]; then
+    name=$(tr -d '[:space:]' <"$m/latest")
+    printf '%s\n' "$m/$name"
+  elif compgen -G "$m/iter_*/eaopd_checkpoint.json" >/dev/null; then
+    iters=("$m"/iter_*/eaopd_checkpoint.json)
+    dirname "${iters[-1]}"
+  else
+    printf '%s\n' "$m"
+  fi
+}
+
+# Default evaluation output folder for a (pinned) model:
+#   <run>/checkpoints/iter_N -> <run>/eval/iter_N
+#   <dir>/<ckpt>/iter_N      -> <dir>/eval/<ckpt>-iter_N   (a converted checkpoint, e.g. checkpoints/mcore/Qwen3-4B-Base)
+#   <dir>/<hf folder>        -> <dir>/../eval/<hf folder>
+eaopd_eval_out() {
+  local m=${1%/} root
+  case "$(basename "$m")" in
+    iter_*)
+      root=$(dirname "$m")
+      if [ "$(basename "$root")" = checkpoints ]; then
+        printf '%s\n' "$(dirname "$root")/eval/$(basename "$m")"
+      else
+        printf '%s\n' "$(dirname "$root")/eval/$(basename "$root")-$(basename "$m")"
+      fi
+      ;;
+    *) printf '%s\n' "$(dirname "$(dirname "$m")")/eval/$(basename "$m")" ;;
+  esac
 }

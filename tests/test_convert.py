@@ -384,7 +384,7 @@ def test_cli_bad_arguments_exit_2_before_loading(tiny_ckpt, tmp_path):
     _bad_input(_cli("import", "--hf", hf, "--out", f, "--no-progress"), f"--out {f} is a file")
     _bad_input(_cli("import", "--hf", hf, "--out", f / "sub", "--no-progress"), f"is under {f}, which is a file")
     assert f.read_text() == "data"
-    _bad_input(_cli("import", "--hf", hf, "--out", tmp_path / "m", "--tp", "0"), "--tp 0 must be an integer >= 1")
+    _bad_input(_cli("import", "--hf", hf, "--out", tmp_path / "m", "--tp", "0"), "--tp and --pp must be >= 1, got --tp 0 --pp 1")
     for size, needle in (("infGB", "not a finite size"), ("2XB", "cannot parse --max-shard-size '2XB'"),
                          ("0", "must be a positive"), ("-5GB", "must be a positive")):
         _bad_input(_cli("export", "--ckpt", ckpt, "--out", tmp_path / "e", f"--max-shard-size={size}"), needle)
@@ -414,3 +414,21 @@ def test_import_refuses_source_and_foreign_folders(tiny_ckpt, tmp_path):
     (crashed / ".iter_0000000.tmp").mkdir(parents=True)
     _check_import_target(crashed, src)
     _check_import_target(tmp_path / "new", src)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["import", "--hf", "HF", "--out", "OUT", "--atol", "-1"],
+     "--atol must be a finite number >= 0 (the largest |logit diff| --verify accepts), got -1"),
+    (["export", "--ckpt", "HF", "--out", "OUT", "--verify", "--atol", "nan"], "--atol must be a finite number >= 0"),
+    (["import", "--hf", "HF", "--out", "OUT", "--tp", "0"], "--tp and --pp must be >= 1, got --tp 0 --pp 1"),
+    (["export", "--ckpt", "HF", "--out", "OUT", "--iteration", "-3"], "--iteration must be >= 0, got -3"),
+])
+def test_cli_rejects_impossible_numbers_first(tmp_path, capsys, args, needle):
+    from megatron_eaopd.cli.convert import main
+
+    # the path checks would fail too (HF does not exist): the number is named first, nothing is written
+    argv = [str(tmp_path / a) if a in ("HF", "OUT") else a for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"[convert_hf] error: {needle}") and err.count("\n") == 1, err
+    assert not (tmp_path / "OUT").exists()

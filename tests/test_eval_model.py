@@ -122,6 +122,33 @@ def test_cli_megatron_checkpoint_and_resume(tiny, gsm5, tmp_path):
     assert p3.returncode == 2 and "other settings" in p3.stderr
 
 
+def test_cli_resume_refuses_another_checkpoint_behind_the_same_model_path(tiny, gsm5, tmp_path):
+    """--model CKPT_ROOT resolves through 'latest', which moves while training saves: samples of the new
+    checkpoint must not be appended to those of the old one in the same --out."""
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(tiny / "student", ck)
+    out = tmp_path / "eval"
+    common = ["--benchmarks", str(gsm5), "--n", "1", "--k", "1", "--max-new-tokens", "4", "--out", str(out),
+              "--no-progress"]
+    _ok(evaluate("--model", str(ck), *common, "--limit", "1"))
+    first = (out / "samples.jsonl").read_text()
+    ident = json.loads((out / "run_config.json").read_text())["model_identity"]
+    assert ident["path"] == str((ck / "iter_0000000").resolve()) and ident["iteration"] == 0
+    # training saves a newer checkpoint: 'latest' now names it
+    shutil.copytree(tiny / "teacher" / "iter_0000000", ck / "iter_0000005")
+    (ck / "latest").write_text("iter_0000005\n")
+    p = evaluate("--model", str(ck), *common)
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-4000:]
+    assert (f"holds samples of another model: saved {ck.resolve()}/iter_0000000 (iteration 0), now "
+            f"{ck.resolve()}/iter_0000005") in p.stderr, p.stderr[-3000:]
+    assert f"delete {out / 'samples.jsonl'}" in p.stderr and "Traceback" not in p.stderr
+    assert (out / "samples.jsonl").read_text() == first
+    # the original checkpoint, named by its iteration folder, resumes
+    _ok(evaluate("--model", str(ck / "iter_0000000"), *common))
+    assert json.loads((out / "summary.json").read_text())["run"]["resumed_problems"] == 1
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 5
+
+
 def test_cli_hf_folder_with_chat_template(tiny, gsm5, tmp_path):
     out = tmp_path / "hf"
     p = evaluate("--model", str(tiny / "hf_student"), "--benchmarks", str(gsm5), "--n", "1", "--max-new-tokens", "8",
@@ -271,7 +298,7 @@ VALIDATION_SCRIPT = textwrap.dedent("""
 
 
 
-    if __name__ == "__main__":  # GradingPool's forkserver re-imports __main__
+    if __name__ == "__main__":
         main()
 """)
 

@@ -203,3 +203,102 @@ def test_cli_replay_and_errors(two_benchmarks, tmp_path):
                         "--benchmarks", str(benches[0][1]), "--out", str(tmp_path / "m")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "is not a model folder" in p.stderr and str(tmp_path) in p.stderr
+
+
+def _ident(path, iteration, fp):
+    return {"kind": "megatron", "path": path, "iteration": iteration, "fingerprint": fp}
+
+
+def test_resume_refuses_samples_of_another_checkpoint_behind_the_same_path(two_benchmarks, tmp_path):
+    benches, script = two_benchmarks
+    out = tmp_path / "run"
+    a = _ident("/runs/x/checkpoints/iter_0000010", 10, "aa")
+    run_evaluation(ScriptedGenerator(script), benches, out, _cfg(limit=1), model_name="ck", model_identity=a)
+    before = (out / "samples.jsonl").read_text()
+    assert json.loads((out / "run_config.json").read_text())["model_identity"] == a
+    # the same --model string now resolving to another iteration: refused, nothing generated or rewritten
+    b = _ident("/runs/x/checkpoints/iter_0000020", 20, "bb")
+    gen = ScriptedGenerator(script)
+    with pytest.raises(ValueError) as e:
+        run_evaluation(gen, benches, out, _cfg(), model_name="ck", model_identity=b)
+    msg = str(e.value)
+    assert "holds samples of another model" in msg
+    assert "saved /runs/x/checkpoints/iter_0000010 (iteration 10), now /runs/x/checkpoints/iter_0000020 (iteration 20)" in msg
+    assert f"delete {out / 'samples.jsonl'} to start this folder afresh" in msg
+    assert gen.calls == [] and (out / "samples.jsonl").read_text() == before
+    # same folder and iteration, other content (a checkpoint replaced in place)
+    with pytest.raises(ValueError, match="same folder, but its files changed since"):
+        run_evaluation(gen, benches, out, _cfg(), model_name="ck", model_identity=_ident(a["path"], 10, "cc"))
+    # the same checkpoint under another spelling of --model resumes
+    s = run_evaluation(gen, benches, out, _cfg(), model_name="ck/iter_0000010", model_identity=dict(a))
+    assert s["run"]["resumed_problems"] == 2 and len(gen.calls) == 2
+    # deleting the samples, as the message says, starts afresh with the new model
+    (out / "samples.jsonl").unlink()
+    s = run_evaluation(ScriptedGenerator(script), benches, out, _cfg(), model_name="ck", model_identity=b)
+    assert s["run"]["resumed_problems"] == 0
+    assert json.loads((out / "run_config.json").read_text())["model_identity"] == b
+
+
+def test_bad_benchmark_writes_nothing_and_settings_without_samples_do_not_block(two_benchmarks, tmp_path):
+    benches, script = two_benchmarks
+    out = tmp_path / "run"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        run_evaluation(ScriptedGenerator(script), [benches[0], ("empty", empty)], out, _cfg())
+    assert not out.exists()
+    # a run_config.json without samples (e.g. written by an older version before it failed) is replaced
+    out.mkdir()
+    (out / "run_config.json").write_text(json.dumps({"model": "m", "temperature": 1.0}))
+    s = run_evaluation(ScriptedGenerator(script), benches, out, _cfg(temperature=0.7), model_name="m")
+    assert s["run"]["resumed_problems"] == 0
+    assert json.loads((out / "run_config.json").read_text())["temperature"] == 0.7
+
+
+def test_cli_bad_benchmark_then_fixed_rerun_with_other_settings(two_benchmarks, tmp_path):
+    benches, script = two_benchmarks
+    run_evaluation(ScriptedGenerator(script), benches, tmp_path / "a", _cfg())
+    replay = tmp_path / "a" / "samples.jsonl"
+    bad = _write(tmp_path / "bad.jsonl", [{"id": "1", "problem": "What is 1/2 as a decimal?"}])
+    out = tmp_path / "cli"
+    base = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--replay", str(replay), "--n", "4", "--out", str(out),
+            "--no-progress"]
+    p = subprocess.run(base + ["--benchmarks", str(bad)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "bad.jsonl:1: missing or empty answer field 'answer'" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and not out.exists()
+    p = subprocess.run(base + ["--benchmarks", str(benches[0][1]), "--temperature", "0.5"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((out / "summary.json").read_text())["benchmarks"]["alpha"]["avg"] == pytest.approx(100 * 7 / 12)
+    # the replay file is part of the identity: another file into the same folder is refused
+    other = tmp_path / "other.jsonl"
+    other.write_text(replay.read_text())
+    p = subprocess.run(base[:3] + [str(other)] + base[4:] + ["--benchmarks", str(benches[0][1]), "--temperature", "0.5"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "holds samples of another model" in p.stderr and str(other) in p.stderr
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--temperature", "0", "--temperature must be > 0, got 0: greedy decoding (temperature 0) is not supported"),
+    ("--temperature", "-1", "--temperature must be > 0, got -1"),
+    ("--temperature", "nan", "--temperature must be a finite number, got nan"),
+    ("--top-p", "0", "--top-p must be in (0, 1], got 0"),
+    ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+    ("--max-batch-size", "0", "--max-batch-size must be >= 1 sequences, got 0"),
+    ("--kv-buffer-gb", "0", "--kv-buffer-gb must be > 0 GiB, got 0"),
+    ("--grading-timeout", "-2", "--grading-timeout must be > 0 seconds per sample, got -2"),
+])
+def test_cli_rejects_impossible_settings_before_loading_anything(tmp_path, capsys, monkeypatch, flag, value, needle):
+    from megatron_eaopd.cli import evaluate as cli
+
+    def no_load(*a, **k):  # the model must not be touched
+        raise AssertionError("model loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "build_model_generator", no_load)
+    monkeypatch.setattr(cli, "resolve_prompt_format", no_load)
+    rc = cli.main(["--model", str(tmp_path / "no_model_needed"), "--benchmarks", str(tmp_path / "nope.jsonl"),
+                   "--out", str(tmp_path / "o"), flag, value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

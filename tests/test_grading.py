@@ -92,3 +92,74 @@ def test_pool_argument_errors():
         GradingPool(timeout=0)
     with pytest.raises(ValueError, match="2 gold answers but 1 outputs"):
         grade_answers(["1", "2"], ["\\boxed{1}"])
+
+
+# A launching script whose import is slow (like ``python -m megatron_eaopd.train``, which imports
+# megatron-core): grading workers must neither re-import it nor have its start-up charged to an item.
+SLOW_DEP = """
+import os, time
+with open(os.environ["SLOW_DEP_MARKER"], "a") as f:
+    f.write(f"{os.getpid()}\\n")
+time.sleep(3.0)
+"""
+
+HEAVY_MAIN = """
+import json
+import slow_dep  # noqa: F401  (3 s at import, like megatron-core)
+from megatron_eaopd.evaluation.grading import GradingPool
+
+if __name__ == "__main__":
+    with GradingPool(workers=1, timeout=1.0) as pool:
+        first = pool.grade([("72", "so \\\\boxed{72}")] * 2)
+        # a hanging item: its worker is killed and the replacement (one worker) grades the rest
+        second = pool.grade([("1", "\\\\boxed{10^{10^{10}}}"), ("1/2", "\\\\boxed{0.5}"), ("3", "\\\\boxed{4}")])
+        print(json.dumps({"first": [[r.correct, r.timed_out, r.error] for r in first],
+                          "second": [[r.correct, r.timed_out, r.error] for r in second],
+                          "timeouts": pool.n_timeouts, "restarts": pool.n_restarts}))
+"""
+
+
+def test_slow_main_module_start_up_is_not_charged_to_items(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "slow_dep.py").write_text(SLOW_DEP)
+    (tmp_path / "heavy_main.py").write_text(HEAVY_MAIN)
+    marker = tmp_path / "imports.txt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(tmp_path)]), "SLOW_DEP_MARKER": str(marker)}
+    p = subprocess.run([sys.executable, "-m", "heavy_main"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["first"] == [[True, False, None], [True, False, None]], (out, p.stderr[-3000:])
+    assert out["second"] == [[False, True, None], [True, False, None], [False, False, None]], (out, p.stderr[-3000:])
+    assert out["timeouts"] == 1 and out["restarts"] == 1
+    # only the launching process imported the slow module: no worker re-ran the parent's __main__
+    assert len(marker.read_text().split()) == 1
+
+
+def test_workers_that_cannot_start_fail_the_items_instead_of_hanging(monkeypatch):
+    import megatron_eaopd.evaluation.grading as grading
+
+    monkeypatch.setattr(grading, "_BOOTSTRAP", "import sys; sys.exit(3)")
+    t0 = time.monotonic()
+    with GradingPool(workers=1, timeout=1.0) as pool:
+        res = pool.grade([("1", "\\boxed{1}"), ("2", "\\boxed{2}")])
+    assert time.monotonic() - t0 < 60
+    assert [(r.correct, r.timed_out, r.error) for r in res] == [
+        (False, False, "grading worker failed to start: exit code 3")] * 2
+    assert [r.extracted for r in res] == ["1", "2"]
+    assert pool.n_restarts == GradingPool.MAX_START_FAILURES
+
+
+def test_fn_from_main_is_rejected():
+    def fn(task):  # noqa: ARG001
+        return {}
+
+    fn.__module__ = "__main__"
+    with pytest.raises(ValueError, match="not __main__"):
+        GradingPool(fn=fn)

@@ -359,6 +359,79 @@ def test_sbatch_files_are_thin_and_consistent():
         assert len(code) <= 3, code  # thin: everything else lives in launch.sh
 
 
+def _fake_iter(root: Path, name: str) -> Path:
+    it = root / name
+    (it / "hf_assets").mkdir(parents=True)
+    (it / "eaopd_checkpoint.json").write_text("{}")
+    return it
+
+
+def test_eval_out_and_pinning_for_checkpoint_roots_and_iterations(tmp_path):
+    run = tmp_path / "runs" / "qwen3_4b-123"
+    ck = run / "checkpoints"
+    _fake_iter(ck, "iter_0000100")
+    _fake_iter(ck, "iter_0000175")
+    (ck / "latest").write_text("iter_0000100\n")  # 'latest' wins over the newest folder name
+    conv = _fake_iter(tmp_path / "checkpoints" / "mcore" / "Qwen3-4B-Base", "iter_0000000").parent  # no 'latest'
+    hf = tmp_path / "models" / "Qwen3-4B"
+    hf.mkdir(parents=True)
+    cases = [  # MODEL -> (pinned MODEL, default OUT)
+        (ck, ck / "iter_0000100", run / "eval" / "iter_0000100"),
+        (f"{ck}/", ck / "iter_0000100", run / "eval" / "iter_0000100"),
+        (ck / "iter_0000175", ck / "iter_0000175", run / "eval" / "iter_0000175"),
+        (conv, conv / "iter_0000000", tmp_path / "checkpoints" / "mcore" / "eval" / "Qwen3-4B-Base-iter_0000000"),
+        (hf, hf, tmp_path / "eval" / "Qwen3-4B"),
+    ]
+    for model, pinned, out in cases:
+        got = bash(f'p=$(eaopd_pin_checkpoint "{model}"); echo "$p"; eaopd_eval_out "$p"').stdout.splitlines()
+        assert got == [str(pinned), str(out)], (model, got)
+    # relative paths, as in the README (run from the repository root)
+    got = bash(f'cd "{tmp_path}" && p=$(eaopd_pin_checkpoint runs/qwen3_4b-123/checkpoints) && eaopd_eval_out "$p"'
+               ).stdout.strip()
+    assert got == "runs/qwen3_4b-123/eval/iter_0000100"
+
+
+def test_evaluate_script_pins_the_checkpoint_and_its_out_folder(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    ck = run / "checkpoints"
+    _fake_iter(ck, "iter_0000050")
+    (ck / "latest").write_text("iter_0000050\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "srun").write_text('#!/bin/bash\nprintf "SRUN %s\\n" "$*"\n')
+    (stub / "srun").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+    env = {**base, **fake_job_env(nodes=1), "PATH": f"{stub}:{os.environ['PATH']}", "DATA_DIR": str(data),
+           "EAOPD_ROOT": str(ROOT)}
+    env.pop("OUT", None)
+
+    def run_script(model: Path) -> list[str]:
+        p = subprocess.run(["bash", str(ROOT / "slurm" / "evaluate.sh"), "--n", "2"], capture_output=True, text=True,
+                           env={**env, "MODEL": str(model)}, cwd=ROOT, timeout=60)
+        assert p.returncode == 0, p.stderr
+        line = next(x for x in p.stdout.splitlines() if x.startswith("SRUN "))
+        return shlex.split(line)
+
+    for model in (ck, ck / "iter_0000050"):
+        argv = run_script(model)
+        assert argv[argv.index("--model") + 1] == str(ck / "iter_0000050"), argv
+        assert argv[argv.index("--out") + 1] == str(run / "eval" / "iter_0000050"), argv
+        assert argv[-2:] == ["--n", "2"]
+    # training saved again: a new job (or a requeue) evaluates the new latest into its own folder
+    _fake_iter(ck, "iter_0000100")
+    (ck / "latest").write_text("iter_0000100\n")
+    argv = run_script(ck)
+    assert argv[argv.index("--model") + 1] == str(ck / "iter_0000100")
+    assert argv[argv.index("--out") + 1] == str(run / "eval" / "iter_0000100")
+    # 'latest' naming a folder that is gone: a clear error
+    (ck / "latest").write_text("iter_0000999\n")
+    p = subprocess.run(["bash", str(ROOT / "slurm" / "evaluate.sh")], capture_output=True, text=True,
+                       env={**env, "MODEL": str(ck)}, cwd=ROOT, timeout=60)
+    assert p.returncode == 1 and f"error: MODEL={ck} points to {ck}/iter_0000999, which does not exist" in p.stderr
+
+
 SYSTEM_DEPS = ROOT / "tests" / "system_deps.sh"
 
 

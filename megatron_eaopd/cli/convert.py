@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -59,6 +60,17 @@ def _fmt(s: dict, what: str) -> str:
     return line
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Reject impossible numeric options before anything is read or written (ValueError, one line)."""
+    if not math.isfinite(args.atol) or args.atol < 0:
+        raise ValueError(f"--atol must be a finite number >= 0 (the largest |logit diff| --verify accepts), "
+                         f"got {args.atol:g}")
+    if args.cmd == "import" and (args.tp < 1 or args.pp < 1):
+        raise ValueError(f"--tp and --pp must be >= 1, got --tp {args.tp} --pp {args.pp}")
+    if args.cmd == "export" and args.iteration is not None and args.iteration < 0:
+        raise ValueError(f"--iteration must be >= 0, got {args.iteration}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (0 success, 2 bad input, 1 failed ``--verify`` or other failure)."""
     args = _parser().parse_args(argv)
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(prepare_smollm2(args.cache))
             return 0
+        _check_numbers(args)
         # cheap validation first: no megatron import for a wrong path
         if args.cmd == "import":
             from megatron_eaopd.models.hf import hf_to_gpt_args

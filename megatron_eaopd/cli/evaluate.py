@@ -24,7 +24,12 @@ suffix and no chat template, and a one-line notice says so. ``--chat-template`` 
 ``--no-chat-template`` and ``--prompt-suffix`` override it.
 
 Writes ``samples.jsonl``, ``summary.json`` and ``table.md`` under ``--out``; rerunning the same
-command resumes (problems already complete in ``samples.jsonl`` are skipped).
+command resumes (problems already complete in ``samples.jsonl`` are skipped). ``--model`` is resolved
+once (a checkpoint root through its ``latest``) and ``run_config.json`` records what it resolved to
+(folder, iteration, a fingerprint of its metadata and weight files): a folder holding samples of
+another checkpoint, e.g. after ``latest`` moved, or made with other sampling settings is refused.
+Arguments and benchmark files are checked before the model loads or anything is written; errors
+print one ``error: ...`` line and exit 2. Temperature 0 (greedy) is not supported by the engines.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -40,6 +46,8 @@ from megatron_eaopd.evaluation.runner import (
     STANDARD_BENCHMARKS,
     EvalConfig,
     ReplayGenerator,
+    check_resume,
+    load_benchmark,
     resolve_benchmarks,
     run_evaluation,
 )
@@ -55,6 +63,38 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible numeric settings before anything is loaded or written.
+
+    Raises: ValueError with one line naming the option, the value and the fix.
+    """
+    def finite(name: str, v: float | None) -> None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v}")
+
+    for name in ("temperature", "top_p", "kv_buffer_gb", "grading_timeout"):
+        finite("--" + name.replace("_", "-"), getattr(args, name))
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature:g}: greedy decoding (temperature 0) is not "
+                         f"supported by the rollout engines; pass a positive --temperature (the paper's protocol: 1.0)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p:g} (1.0 = no nucleus filter)")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1 sequences, got {args.max_batch_size} "
+                         f"(omit it to batch all of a --batch-problems call)")
+    if args.kv_buffer_gb <= 0:
+        raise ValueError(f"--kv-buffer-gb must be > 0 GiB, got {args.kv_buffer_gb:g}")
+    if args.grading_timeout <= 0:
+        raise ValueError(f"--grading-timeout must be > 0 seconds per sample, got {args.grading_timeout:g}")
+
+
+def _replay_identity(path: str) -> dict:
+    """What a ``--replay`` file is (resolved path, size, mtime), compared on resume like a model's identity."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"kind": "replay", "path": str(p), "iteration": None, "fingerprint": f"{st.st_size}:{st.st_mtime_ns}"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +171,12 @@ def build_model_generator(args: argparse.Namespace, chat_template: bool = False)
 
     resolve_model_source(args.model)  # fail fast, before process groups, with a clear message
     setup_eval_parallel(args.tp, args.pp, seed=args.seed)
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:  # every rank loads the folder rank 0 resolved
+        box = [args.model]
+        dist.broadcast_object_list(box, src=0)
+        args.model = box[0]
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     lm = load_eval_model(args.model, params_dtype=dtype, progress=not args.no_progress)
     local = local_generator(lm.chunks, lm.tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -185,29 +231,44 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING, format="%(levelname)s %(message)s")
     gen = None
     try:
+        check_args(args)
         benchmarks = resolve_benchmarks(args.benchmarks, args.data_dir)
         cfg = EvalConfig(n=args.n, ks=args.k, temperature=args.temperature, top_p=args.top_p,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, limit=args.limit,
                          batch_problems=args.batch_problems, grading_workers=args.grading_workers,
                          grading_timeout=args.grading_timeout, progress=not args.no_progress and rank0)
         cfg.resolved_ks()
+        for _, path in benchmarks:  # a broken benchmark fails now: before the model loads or --out is written
+            load_benchmark(path, cfg.fields, cfg.limit)
+        model_name = args.model or args.replay
         if args.replay:
             if args.chat_template is not None or args.prompt_suffix is not None:
                 raise ValueError("--chat-template/--no-chat-template/--prompt-suffix apply to --model generation only "
                                  "(replayed outputs keep their prompts)")
             gen = ReplayGenerator(args.replay)
+            identity = _replay_identity(args.replay)
         else:
+            from megatron_eaopd.models.sources import resolve_model_source, source_identity
+
+            # resolve once (a checkpoint root's 'latest' moves while training saves): load exactly this folder,
+            # and record what it is so that a resume never mixes samples of two checkpoints
+            src = resolve_model_source(args.model, key="--model", need="weights")
+            identity = source_identity(src)
+            args.model = str(src.path)
+            if rank0 and identity["path"] != str(Path(model_name).resolve()):
+                print(f"[evaluate] --model {model_name} resolves to {identity['path']}", file=sys.stderr)
             fmt, notice = resolve_prompt_format(args.model, args.chat_template, args.prompt_suffix)
             if rank0:
                 print(f"[evaluate] {notice}", file=sys.stderr)
-            gen, tok = build_model_generator(args, fmt.chat_template)
             cfg.chat_template, cfg.suffix, cfg.separator = fmt.chat_template, fmt.suffix, fmt.separator
-            cfg.chat_template_kwargs, cfg.tokenizer = dict(fmt.chat_template_kwargs), tok
+            cfg.chat_template_kwargs = dict(fmt.chat_template_kwargs)
+            check_resume(args.out, cfg, model_name, identity)  # a refused resume fails now, before the model loads
+            gen, cfg.tokenizer = build_model_generator(args, fmt.chat_template)
             if not rank0:
                 gen.serve()
                 return 0
         try:
-            summary = run_evaluation(gen, benchmarks, args.out, cfg, model_name=args.model or args.replay)
+            summary = run_evaluation(gen, benchmarks, args.out, cfg, model_name=model_name, model_identity=identity)
         finally:
             if hasattr(gen, "close"):
                 gen.close()

@@ -47,6 +47,7 @@ __all__ = [
     "resolve_benchmarks",
     "load_benchmark",
     "run_evaluation",
+    "check_resume",
     "format_table",
 ]
 
@@ -262,22 +263,61 @@ def _read_samples(samples_path: Path) -> dict[tuple[str, str], dict[int, dict]]:
     return found
 
 
-#: Settings that change the samples: a resumed run must use the same ones.
-_RESUME_KEYS = ("model", "temperature", "top_p", "max_new_tokens", "seed", "prompt_suffix", "chat_template",
-                "prompt_separator", "chat_template_kwargs")
+#: Settings that change the samples: a resumed run must use the same ones. ``model`` (the path as
+#: given) is compared only when either side lacks ``model_identity`` (what that path resolved to).
+_RESUME_KEYS = ("model", "model_identity", "temperature", "top_p", "max_new_tokens", "seed", "prompt_suffix",
+                "chat_template", "prompt_separator", "chat_template_kwargs")
 
 
-def _check_resume_config(out: Path, run_cfg: dict) -> None:
-    """Raise ValueError when ``out`` holds samples made with different generation settings."""
-    path = out / "run_config.json"
-    if path.is_file():
+def _describe_model(ident: Mapping[str, Any] | None, name: Any) -> str:
+    if not ident:
+        return repr(name)
+    it = f" (iteration {ident['iteration']})" if ident.get("iteration") is not None else ""
+    return f"{ident.get('path')}{it}"
+
+
+def _run_config(cfg: EvalConfig, model_name: str, model_identity: Mapping[str, Any] | None) -> dict:
+    """The settings recorded in ``run_config.json`` and the summary."""
+    return {"model": model_name, "model_identity": dict(model_identity) if model_identity else None, "n": cfg.n,
+            "ks": cfg.resolved_ks(), "temperature": cfg.temperature, "top_p": cfg.top_p,
+            "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "limit": cfg.limit, "prompt_suffix": cfg.suffix,
+            "chat_template": cfg.chat_template, "prompt_separator": cfg.separator,
+            "chat_template_kwargs": cfg.chat_template_kwargs if cfg.chat_template else None}
+
+
+def check_resume(out_dir: str | Path, config: EvalConfig, model_name: str = "",
+                 model_identity: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError when ``out_dir`` holds samples that ``run_evaluation`` with these arguments would
+    refuse to resume (another model or other generation settings); writes nothing. Lets a caller
+    fail before loading a model."""
+    _check_resume_config(Path(out_dir), _run_config(config, model_name, model_identity), write=False)
+
+
+def _check_resume_config(out: Path, run_cfg: dict, write: bool = True) -> None:
+    """Raise ValueError when ``out`` holds samples made by another model or with other generation
+    settings; then (re)write ``out/run_config.json``. Settings recorded without samples (a run that
+    failed before generating) are simply replaced."""
+    path, samples = out / "run_config.json", out / "samples.jsonl"
+    if path.is_file() and samples.is_file() and samples.stat().st_size > 0:
         old = json.loads(path.read_text())
+        fresh = f"use a new --out folder, or delete {samples} to start this folder afresh"
+        old_id, new_id = old.get("model_identity"), run_cfg.get("model_identity")
+        if old_id and new_id:
+            if old_id != new_id:
+                same = old_id.get("path") == new_id.get("path") and old_id.get("iteration") == new_id.get("iteration")
+                raise ValueError(
+                    f"{out} holds samples of another model: saved {_describe_model(old_id, old.get('model'))}, now "
+                    f"{_describe_model(new_id, run_cfg.get('model'))}"
+                    + (" (same folder, but its files changed since)" if same else "") + f"; {fresh}")
+            keys = [k for k in _RESUME_KEYS if k != "model"]
+        else:
+            keys = list(_RESUME_KEYS)
         # keys a folder was written without (older versions) are not compared
-        diff = {k: (old.get(k), run_cfg.get(k)) for k in _RESUME_KEYS if k in old and old[k] != run_cfg.get(k)}
+        diff = {k: (old.get(k), run_cfg.get(k)) for k in keys if k in old and old[k] != run_cfg.get(k)}
         if diff:
-            raise ValueError(f"{out} holds samples generated with other settings {diff} (saved vs now); "
-                             f"use a new --out folder or delete {out / 'samples.jsonl'}")
-    path.write_text(json.dumps({k: run_cfg.get(k) for k in _RESUME_KEYS}, indent=2) + "\n")
+            raise ValueError(f"{out} holds samples generated with other settings {diff} (saved vs now); {fresh}")
+    if write:
+        path.write_text(json.dumps({k: run_cfg.get(k) for k in _RESUME_KEYS}, indent=2) + "\n")
 
 
 def format_table(summary: Mapping[str, Any]) -> str:
@@ -296,31 +336,33 @@ def format_table(summary: Mapping[str, Any]) -> str:
 
 
 def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | Path]], out_dir: str | Path,
-                   config: EvalConfig | None = None, model_name: str = "") -> dict:
+                   config: EvalConfig | None = None, model_name: str = "",
+                   model_identity: Mapping[str, Any] | None = None) -> dict:
     """Run the benchmark pipeline; returns the summary dict (also written to ``summary.json``).
 
     Args: generator (Generator); benchmarks: ``[(name, path)]`` (see ``resolve_benchmarks``);
-        out_dir: output folder (created); config (EvalConfig); model_name (str, recorded only).
+        out_dir: output folder (created); config (EvalConfig); model_name (str: the model as given);
+        model_identity (dict | None: what the model resolved to, e.g.
+        :func:`megatron_eaopd.models.sources.source_identity`; compared on resume instead of the name).
     Returns: ``{"config": {...}, "benchmarks": {name: metrics}, "mean": {...}, "grading": {...}}``
         where metrics are from ``metrics.benchmark_metrics`` (percent).
     Raises: ValueError for k > n or a generator returning the wrong number of samples; DataError /
         FileNotFoundError for bad benchmark files.
     Resumable: problems whose n samples are already in ``out_dir/samples.jsonl`` are not regenerated;
         ``out_dir/run_config.json`` records the generation settings and a rerun with different ones
-        (model, temperature, top_p, max_new_tokens, seed, prompt suffix, chat template) raises
-        ValueError instead of mixing samples.
+        (model identity, temperature, top_p, max_new_tokens, seed, prompt suffix, chat template) raises
+        ValueError instead of mixing samples. The benchmark files are loaded (and checked) before
+        anything is written to ``out_dir``.
     """
     cfg = config or EvalConfig()
     ks = cfg.resolved_ks()
     if not benchmarks:
         raise ValueError("no benchmarks to evaluate")
+    data = [(name, load_benchmark(path, cfg.fields, cfg.limit)) for name, path in benchmarks]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
-    run_cfg = {"model": model_name, "n": cfg.n, "ks": ks, "temperature": cfg.temperature, "top_p": cfg.top_p,
-               "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed, "limit": cfg.limit,
-               "prompt_suffix": cfg.suffix, "chat_template": cfg.chat_template, "prompt_separator": cfg.separator,
-               "chat_template_kwargs": cfg.chat_template_kwargs if cfg.chat_template else None}
+    run_cfg = _run_config(cfg, model_name, model_identity)
     _check_resume_config(out, run_cfg)
     found = _read_samples(samples_path)
     complete = {key for key, d in found.items() if all(i in d for i in range(cfg.n))}
@@ -335,7 +377,6 @@ def run_evaluation(generator: Generator, benchmarks: Sequence[tuple[str, str | P
                 for i in sorted(found[key]):
                     f.write(json.dumps(found[key][i], ensure_ascii=False) + "\n")
 
-    data = [(name, load_benchmark(path, cfg.fields, cfg.limit)) for name, path in benchmarks]
     total = sum(len(recs) for _, recs in data)
     n_done = sum(1 for name, recs in data for r in recs if (name, r.id) in done)
     skipped_resume = n_done

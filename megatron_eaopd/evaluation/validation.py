@@ -14,9 +14,9 @@ Metrics (percent, as in the paper's tables; ``<bench>`` = file stem, n = ``eval.
     val/mean/avg@<n>      val/mean/pass@<k>               val/mean/mean_length      val/mean/truncation_rate
     val/seconds           val/grading_timeouts
 
-Grading runs in a forkserver ``GradingPool`` on rank 0: the launching script must guard its entry
-point with ``if __name__ == "__main__":`` (``python -m megatron_eaopd.train`` does), otherwise every
-grading worker re-runs the script and each sample times out (reported in ``val/grading_timeouts``).
+Grading runs in a ``GradingPool`` on rank 0: its workers are fresh interpreters that import only the
+grading module (never the launching script), and a worker's start-up is not charged to any sample's
+timeout; ``val/grading_timeouts`` counts only samples whose grading itself ran past the timeout.
 
 Source: docs/method.md, "Evaluation protocol" (Avg@n, unbiased pass@k, unweighted mean over benchmarks).
 """

@@ -23,6 +23,8 @@ through ``huggingface_hub.snapshot_download(local_files_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -36,7 +38,7 @@ from megatron_eaopd.checkpoint import ASSETS_DIR, LATEST, META_FILE, resolve_che
 from megatron_eaopd.models.hf import inspect_hf_dir
 
 __all__ = ["ModelSource", "ModelSourceError", "SourceKind", "resolve_model_source", "hub_cache_dir",
-           "looks_like_hub_id", "download_command", "run_dir_checkpoints"]
+           "looks_like_hub_id", "download_command", "run_dir_checkpoints", "source_identity"]
 
 SourceKind = Literal["megatron", "hf_dir", "hub"]
 _ALL_KINDS: tuple[SourceKind, ...] = ("megatron", "hf_dir", "hub")
@@ -219,3 +221,36 @@ def resolve_model_source(
         raise ModelSourceError(f"{key} = {s!r} {_kind_hint(key, kind, s)}")
     _check_assets(key, s, kind, assets, need)
     return ModelSource(value=s, kind=kind, path=path, assets=assets)
+
+
+#: Small files hashed whole, and large ones fingerprinted by (size, mtime), for :func:`source_identity`.
+_HASHED = (META_FILE, ".metadata", "metadata.json", "config.json", "model.safetensors.index.json",
+           "pytorch_model.bin.index.json")
+_STATTED = ("common.pt", "*.distcp", "*.safetensors", "*.bin")
+
+
+def source_identity(src: ModelSource) -> dict:
+    """What a resolved model source IS, cheaply, for refusing to mix samples of different models.
+
+    Returns ``{"kind", "path", "iteration", "fingerprint"}``: ``path`` is the resolved folder (a
+    checkpoint root resolves through ``latest`` to its ``iter_*`` folder), ``iteration`` the saved
+    iteration of a Megatron checkpoint (None for an HF folder), ``fingerprint`` a sha256 over the
+    small metadata files (``eaopd_checkpoint.json`` records the save time; ``.metadata``,
+    ``config.json``, index files) and the names, sizes and mtimes of the weight files. Nothing large
+    is read.
+    """
+    d = Path(src.path).resolve()
+    h = hashlib.sha256()
+    for name in _HASHED:
+        f = d / name
+        if f.is_file():
+            h.update(f"{name}\0".encode())
+            h.update(f.read_bytes())
+    for pattern in _STATTED:
+        for f in sorted(d.glob(pattern)):
+            st = f.stat()
+            h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    iteration = None
+    if src.is_megatron and (d / META_FILE).is_file():
+        iteration = json.loads((d / META_FILE).read_text()).get("iteration")
+    return {"kind": src.kind, "path": str(d), "iteration": iteration, "fingerprint": h.hexdigest()}
