@@ -361,6 +361,55 @@ def test_failed_export_leaves_nothing(tiny_ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_staging_folders_of_killed_exports_are_removed(tmp_path):
+    """A SIGKILLed export cannot clean up: the next export beside the same --out removes staging folders whose
+    owner process on this host is gone, and only names the others (a live owner, another host, no owner file)."""
+    import socket
+
+    from megatron_eaopd.models.staging import OWNER_FILE, make_staging_dir, remove_stale_staging, replace_folder
+
+    out = tmp_path / "hf"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = make_staging_dir(out)
+    (stale / "model-00001.safetensors").write_text("partial")
+    (stale / OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    live = make_staging_dir(out)  # this process: alive
+    remote = make_staging_dir(out)
+    (remote / OWNER_FILE).write_text(json.dumps({"host": "another-node", "pid": 1}))
+    moved_aside = tmp_path / ".hf.old-abc"  # a previous export a killed run moved aside: the user's to judge
+    moved_aside.mkdir()
+    unrelated = tmp_path / ".hf.tmp"
+    unrelated.mkdir()
+    assert remove_stale_staging(out) == sorted([live, remote]) + [moved_aside]
+    assert not stale.exists() and unrelated.exists()
+    (live / "config.json").write_text("{}")
+    replace_folder(live, out)
+    assert sorted(x.name for x in out.iterdir()) == ["config.json"]  # the owner file does not travel
+
+
+def test_failed_verify_leaves_no_checkpoint_and_keeps_the_previous_export(tiny_ckpt, tmp_path):
+    """A conversion that fails --verify must not look complete (slurm/convert.sh would skip it and training start
+    on it): import removes what it wrote; export checks before replacing --out, so an earlier export stays."""
+    hf, ckpt = tiny_ckpt
+    prev = tmp_path / "exp"
+    code = ("import sys\nimport megatron_eaopd.models.convert as c\n"
+            "c.export_hf(sys.argv[1], sys.argv[2], progress=False)\n"
+            "c.verify_logits = lambda *a, **k: {'passed': False, 'max_abs_diff': 9.0, 'top1_agreement': 0.5}\n"
+            "for f, kw in ((c.export_hf, dict(ckpt=sys.argv[1], out=sys.argv[2])), "
+            "(c.import_hf, dict(hf_dir=sys.argv[3], out=sys.argv[4]))):\n"
+            "    try:\n        f(**kw, verify=True, progress=False)\n    except RuntimeError as e:\n"
+            "        print('RAISED', e)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    env.pop("MASTER_PORT", None)
+    p = subprocess.run([sys.executable, "-c", code, str(ckpt), str(prev), str(hf), str(tmp_path / "m" / "imp")],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    raised = [ln for ln in p.stdout.splitlines() if ln.startswith("RAISED verification failed")]
+    assert len(raised) == 2 and "was removed" in raised[1], p.stdout[-2000:] + p.stderr[-3000:]
+    marker = json.loads((prev / ".eaopd_export.json").read_text())
+    assert marker["converted_by"] == "megatron_eaopd.export_hf" and (prev / "config.json").is_file()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["exp"]  # no staging folder, no import folder
+
+
 def test_parse_size_rejects_non_positive_and_non_finite():
     from megatron_eaopd.models.convert import parse_size
 

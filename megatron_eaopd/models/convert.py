@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from megatron_eaopd.models.hf import hf_to_gpt_args, inspect_hf_dir
 from megatron_eaopd.models.hf_reader import HFTensorReader
 from megatron_eaopd.models.mapping import canonical_name, megatron_names, to_hf, to_megatron, tp_shard
 from megatron_eaopd.models.provider import build_gpt_model
+from megatron_eaopd.models.staging import make_staging_dir, remove_stale_staging, replace_folder
 from megatron_eaopd.models.verify import DEFAULT_PROMPT, require_passed, verify_logits
 
 __all__ = ["HFTensorReader", "load_hf_weights", "import_hf", "export_hf", "verify_logits", "parse_size", "DEFAULT_PROMPT"]
@@ -239,7 +239,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         summary ``{"params", "bytes", "seconds", "dtype", "path", "verify"?}``.
     Raises:
         FileNotFoundError / NotImplementedError / ValueError / KeyError: bad folder, architecture,
-        shapes or missing tensors (each names the problem); RuntimeError: verification failed.
+        shapes or missing tensors (each names the problem); RuntimeError: verification failed (the checkpoint it wrote is removed).
     """
     t0 = time.perf_counter()
     for name, v in (("--tp", tp), ("--pp", pp)):
@@ -278,7 +278,15 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         vchunks, _ = build_gpt_model(path / "hf_assets", params_dtype=torch.float32, perform_initialization=False,
                                      parallel_output=True)
         load_checkpoint(path, vchunks)
-        summary["verify"] = require_passed(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
+        try:
+            summary["verify"] = require_passed(verify_logits(vchunks, hf_dir, weight_dtype=dt, atol=atol), atol)
+        except RuntimeError as e:  # never leave a complete-looking checkpoint that failed its check
+            if is_rank0():
+                shutil.rmtree(path, ignore_errors=True)
+                if (root / "latest").is_file() and (root / "latest").read_text().strip() == path.name:
+                    (root / "latest").unlink()
+                _remove_empty(new_dirs)
+            raise RuntimeError(f"{e}; the checkpoint written to {path} was removed") from None
     return summary
 
 
@@ -289,22 +297,6 @@ def _remove_empty(dirs: list[Path]) -> None:
             d.rmdir()
         except OSError:
             return
-
-
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Put the complete folder ``tmp`` at ``out``; a previous export there (checked by the caller) is moved
-    aside first and deleted only once the new one is in place (put back if the rename fails)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-    os.replace(out, old)  # onto the empty folder mkdtemp made
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _allreduce_sum(x: int) -> int:
@@ -381,7 +373,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     Raises:
         FileNotFoundError: not a checkpoint (an HF folder names the ``import`` command);
         ValueError: bad ``max_shard_size`` / ``dtype``, or an ``out`` that is not new, empty or an earlier export;
-        RuntimeError: verification failed.
+        RuntimeError: verification failed (checked before the export takes --out's place: a previous export stays).
     """
     t0 = time.perf_counter()
     max_shard = parse_size(max_shard_size, "--max-shard-size")  # every argument is checked before loading anything
@@ -402,10 +394,10 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     out = Path(out)
     new_dirs = [a for a in out.parents if not a.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # this run's own: never another's
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # the permissions of a plain mkdir, not mkdtemp's 0700
+    for d in remove_stale_staging(out):  # what killed exports left behind is removed; others are only named
+        print(f"[convert_hf] note: {d} is an unfinished export of another live process or host, or a previous "
+              f"export moved aside by a run that was killed; remove it yourself when it is not needed")
+    tmp = make_staging_dir(out)  # this run's own: never another's
 
     def gen():
         for name in megatron_names(spec):
@@ -426,20 +418,21 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
                   "iteration": meta.get("iteration"), "iteration_dir": str(src.resolve()), "dtype": dtype_name(out_dtype),
                   "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / EXPORT_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        summary = {"params": n, "bytes": nbytes, "seconds": time.perf_counter() - t0, "dtype": dtype_name(out_dtype),
+                   "path": str(out)}
+        if verify:  # before the export takes --out's place: a failed check leaves the previous folder as it was
+            del chunks, m, params
+            # the written (possibly lower-precision) values in an fp32-built model, computed in fp32
+            vchunks, _ = build_gpt_model(assets, params_dtype=torch.float32, perform_initialization=False)
+            load_checkpoint(src, vchunks)
+            for c in vchunks:
+                for p in c.parameters():
+                    p.data = p.data.to(out_dtype).float()
+            summary["verify"] = require_passed(verify_logits(vchunks, tmp, weight_dtype=out_dtype, atol=atol), atol)
         _check_export_target(Path(ckpt), out)  # again: nothing foreign appeared there while this ran
-        _replace_folder(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(new_dirs)
         raise
-    summary = {"params": n, "bytes": nbytes, "seconds": time.perf_counter() - t0, "dtype": dtype_name(out_dtype), "path": str(out)}
-    if verify:
-        del chunks, m, params
-        # the written (possibly lower-precision) values in an fp32-built model, computed in fp32
-        vchunks, _ = build_gpt_model(assets, params_dtype=torch.float32, perform_initialization=False)
-        load_checkpoint(src, vchunks)
-        for c in vchunks:
-            for p in c.parameters():
-                p.data = p.data.to(out_dtype).float()
-        summary["verify"] = require_passed(verify_logits(vchunks, out, weight_dtype=out_dtype, atol=atol), atol)
     return summary
