@@ -136,10 +136,6 @@ class Trainer:
         self.dp_rank, self.dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self._build_tokenizer_and_data()
         self._check_model_splits()
-        if is_rank0():  # only once every input has been checked: a failed start leaves no files behind
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_resolved_config(cfg, self.run_dir, layout)
-            write_skipped_prompts(self.dataset, self.run_dir)
         self.student = build_student(str(self.sources["student"].assets), params_dtype=model_dtype(cfg.student.dtype),
                                      opt_cfg=cfg.optimizer, total_steps=self.total_iterations * cfg.train.mini_batches,
                                      use_distributed_optimizer=layout.use_distributed_optimizer,
@@ -147,6 +143,10 @@ class Trainer:
         info = self.student.info
         self.vocab_size = self._shared_vocab_size()
         self.objective = build_objective(_loss_config(cfg, self.vocab_size))
+        if is_rank0():  # only once every input has been checked: a failed start leaves no files behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(cfg, self.run_dir, layout)
+            write_skipped_prompts(self.dataset, self.run_dir)
         tsrc = self.sources["teacher"]
         self.teacher = build_teacher(tsrc, str(tsrc.assets), self.objective, tp=layout.teacher_tp, pp=layout.teacher_pp,
                                      params_dtype=model_dtype(cfg.teacher.dtype), student_info=info,

@@ -180,6 +180,7 @@ eaopd_pin_checkpoint() {
 # Default evaluation output folder for a (pinned) model:
 #   <run>/checkpoints/iter_N -> <run>/eval/iter_N
 #   <dir>/<ckpt>/iter_N      -> <dir>/eval/<ckpt>-iter_N   (a converted checkpoint, e.g. checkpoints/mcore/Qwen3-4B-Base)
+#   <run>/<hf folder>        -> <run>/eval/<hf folder>      (a run's export, e.g. runs/qwen3_4b-123/hf_student)
 #   <dir>/<hf folder>        -> <dir>/../eval/<hf folder>
 eaopd_eval_out() {
   local m=${1%/} root
@@ -192,6 +193,12 @@ eaopd_eval_out() {
         printf '%s\n' "$(dirname "$root")/eval/$(basename "$root")-$(basename "$m")"
       fi
       ;;
-    *) printf '%s\n' "$(dirname "$(dirname "$m")")/eval/$(basename "$m")" ;;
+    *)
+      if [ -d "$(dirname "$m")/checkpoints" ]; then  # inside a run directory: the run's own eval folder
+        printf '%s\n' "$(dirname "$m")/eval/$(basename "$m")"
+      else
+        printf '%s\n' "$(dirname "$(dirname "$m")")/eval/$(basename "$m")"
+      fi
+      ;;
   esac
 }

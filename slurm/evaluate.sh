@@ -30,9 +30,17 @@ source "$ROOT/slurm/_env.sh"
 [ -n "${SLURM_JOB_ID:-}" ] || eaopd_die "not running under SLURM: submit with 'MODEL=... sbatch slurm/evaluate.sh'"
 [ -n "${MODEL:-}" ] || eaopd_die "set MODEL to a checkpoint: MODEL=runs/<run>/checkpoints/iter_XXXXXXX sbatch slurm/evaluate.sh"
 [ -e "$MODEL" ] || eaopd_die "MODEL=$MODEL does not exist"
-# a checkpoint root is pinned to the iteration its 'latest' names now: the job evaluates exactly that one
-# into its own folder (a requeue after training saved again evaluates the new latest into a new folder)
-PINNED=$(eaopd_pin_checkpoint "$MODEL")
+# a checkpoint root is pinned to the iteration its 'latest' names when the job first starts: the job evaluates
+# exactly that one into its own folder, and a requeue of the same job resumes it (the pin is kept per job id);
+# a new job after training saved again evaluates the new latest into a new folder
+PIN_FILE=${EAOPD_STATE_DIR:-$ROOT/slurm/logs}/.evaluate-$SLURM_JOB_ID.model
+if [ -s "$PIN_FILE" ]; then
+  PINNED=$(cat "$PIN_FILE")
+else
+  PINNED=$(eaopd_pin_checkpoint "$MODEL")
+  mkdir -p "$(dirname "$PIN_FILE")"
+  printf '%s\n' "$PINNED" >"$PIN_FILE"
+fi
 [ -e "$PINNED" ] || eaopd_die "MODEL=$MODEL points to $PINNED, which does not exist"
 MODEL=$PINNED
 DATA_DIR=${DATA_DIR:-data/eval}

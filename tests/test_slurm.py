@@ -381,6 +381,7 @@ def test_eval_out_and_pinning_for_checkpoint_roots_and_iterations(tmp_path):
         (ck / "iter_0000175", ck / "iter_0000175", run / "eval" / "iter_0000175"),
         (conv, conv / "iter_0000000", tmp_path / "checkpoints" / "mcore" / "eval" / "Qwen3-4B-Base-iter_0000000"),
         (hf, hf, tmp_path / "eval" / "Qwen3-4B"),
+        (run / "hf_student", run / "hf_student", run / "eval" / "hf_student"),  # a run's export: that run's folder
     ]
     for model, pinned, out in cases:
         got = bash(f'p=$(eaopd_pin_checkpoint "{model}"); echo "$p"; eaopd_eval_out "$p"').stdout.splitlines()
@@ -404,12 +405,14 @@ def test_evaluate_script_pins_the_checkpoint_and_its_out_folder(tmp_path):
     (stub / "srun").chmod(0o755)
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
     env = {**base, **fake_job_env(nodes=1), "PATH": f"{stub}:{os.environ['PATH']}", "DATA_DIR": str(data),
-           "EAOPD_ROOT": str(ROOT)}
+           "EAOPD_ROOT": str(ROOT), "EAOPD_STATE_DIR": str(tmp_path / "state")}
     env.pop("OUT", None)
+    job_ids = iter(range(100, 200))
 
-    def run_script(model: Path) -> list[str]:
+    def run_script(model: Path, job_id: str | None = None) -> list[str]:
+        job_id = job_id or str(next(job_ids))
         p = subprocess.run(["bash", str(ROOT / "slurm" / "evaluate.sh"), "--n", "2"], capture_output=True, text=True,
-                           env={**env, "MODEL": str(model)}, cwd=ROOT, timeout=60)
+                           env={**env, "MODEL": str(model), "SLURM_JOB_ID": job_id}, cwd=ROOT, timeout=60)
         assert p.returncode == 0, p.stderr
         line = next(x for x in p.stdout.splitlines() if x.startswith("SRUN "))
         return shlex.split(line)
@@ -419,16 +422,21 @@ def test_evaluate_script_pins_the_checkpoint_and_its_out_folder(tmp_path):
         assert argv[argv.index("--model") + 1] == str(ck / "iter_0000050"), argv
         assert argv[argv.index("--out") + 1] == str(run / "eval" / "iter_0000050"), argv
         assert argv[-2:] == ["--n", "2"]
-    # training saved again: a new job (or a requeue) evaluates the new latest into its own folder
+    argv = run_script(ck, job_id="7")  # the job that training outruns
+    # training saved again: a new job evaluates the new latest into its own folder; a requeue of job 7 resumes
+    # the iteration it started on
     _fake_iter(ck, "iter_0000100")
     (ck / "latest").write_text("iter_0000100\n")
     argv = run_script(ck)
     assert argv[argv.index("--model") + 1] == str(ck / "iter_0000100")
     assert argv[argv.index("--out") + 1] == str(run / "eval" / "iter_0000100")
+    argv = run_script(ck, job_id="7")
+    assert argv[argv.index("--model") + 1] == str(ck / "iter_0000050")
+    assert argv[argv.index("--out") + 1] == str(run / "eval" / "iter_0000050")
     # 'latest' naming a folder that is gone: a clear error
     (ck / "latest").write_text("iter_0000999\n")
     p = subprocess.run(["bash", str(ROOT / "slurm" / "evaluate.sh")], capture_output=True, text=True,
-                       env={**env, "MODEL": str(ck)}, cwd=ROOT, timeout=60)
+                       env={**env, "MODEL": str(ck), "SLURM_JOB_ID": "300"}, cwd=ROOT, timeout=60)
     assert p.returncode == 1 and f"error: MODEL={ck} points to {ck}/iter_0000999, which does not exist" in p.stderr
 
 
