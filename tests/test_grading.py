@@ -163,3 +163,6 @@ def test_fn_from_main_is_rejected():
     fn.__module__ = "__main__"
     with pytest.raises(ValueError, match="not __main__"):
         GradingPool(fn=fn)
+    fn.__module__ = __name__  # a nested function of an importable module: cannot be pickled by name
+    with pytest.raises(ValueError, match="must be a module-level function"):
+        GradingPool(fn=fn)

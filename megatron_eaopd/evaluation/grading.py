@@ -12,7 +12,8 @@ and the item is reported as ``timed_out`` (and counted as wrong). A worker that 
 and the item reported with ``error``.
 
 Workers. Each worker is a fresh interpreter (``python -c`` running :func:`_worker_main`) that
-imports only this module and math_verify, never the parent's ``__main__``: multiprocessing's
+imports this module (with its package, :mod:`megatron_eaopd.evaluation`: no torch model code, no
+megatron-core) and math_verify, never the parent's ``__main__``: multiprocessing's
 spawn/forkserver children re-import the launching script (``python -m megatron_eaopd.train`` pulls in
 megatron-core, ~16 s), and forking the trainer (CUDA, NCCL and dataloader threads) is unsafe. A
 worker says "ready" once its imports are done and only then receives items, so the per-item clock
@@ -244,8 +245,9 @@ class GradingPool:
         an importable module, not ``__main__``): the per-item function, taking a task tuple and returning
         a GradeResult dict (default: math-verify grading; tests may inject one); start_timeout (float,
         seconds): how long a worker may take to start (never charged to an item).
-    Raises: ValueError for workers < 1, timeout <= 0, start_timeout <= 0 or an ``fn`` defined in
-        ``__main__`` (a worker never imports the parent's ``__main__``).
+    Raises: ValueError for workers < 1, timeout <= 0, start_timeout <= 0, an ``fn`` defined in
+        ``__main__`` (a worker never imports the parent's ``__main__``) or one that cannot be pickled by
+        name (a lambda, a nested function).
     Workers are fresh interpreters that import only this module (see the module doc): no
     ``if __name__ == "__main__":`` guard is needed, and a slow-to-import launching script does not
     slow them down.
@@ -270,7 +272,10 @@ class GradingPool:
         if getattr(self.fn, "__module__", None) == "__main__":
             raise ValueError("GradingPool fn must be defined in an importable module, not __main__ "
                              "(grading workers do not import the launching script)")
-        self._payload = pickle.dumps(self.fn)
+        try:
+            self._payload = pickle.dumps(self.fn)
+        except (pickle.PicklingError, AttributeError, TypeError) as e:  # a lambda or a nested function
+            raise ValueError(f"GradingPool fn must be a module-level function (workers import it by name): {e}") from None
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _kill_all, self._workers)
         self.n_timeouts = 0
