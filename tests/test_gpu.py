@@ -129,7 +129,7 @@ def test_shellcheck_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _suite(tmp: Path, *args: str, env_extra: dict | None = None, timeout: float = 600):
+def _suite(tmp: Path, *args: str, env_extra: dict | None = None, timeout: float = 1000):
     env = {**_env(), **(env_extra or {})}
     proc = subprocess.run(["bash", str(SUITE), "--dry-run", "--results", str(tmp), *args], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd="/")
