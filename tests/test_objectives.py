@@ -225,6 +225,46 @@ def test_teacher_equals_student_zero_loss_and_gradient_with_baseline_and_tail(mo
     assert float(m["advantage_var"]) < 1e-10 and float(m["advantage_var_baselined"]) < 1e-10
 
 
+def test_soft_gate_weight_sum_below_one_is_not_clamped():
+    # sigmoid weights far below tau sum to less than one gated token: fkl_gated is still sum(g * fkl) / sum(g)
+    student, teacher, target, old, mask = _batch(seed=21)
+    cfg = EOPDConfig(top_k=8, tau=6.0, gate="sigmoid", gate_sharpness=0.5)
+    _, _, parts = oref.eopd_variant(student.double(), teacher.double(), target, old, mask, top_k=8, tau=6.0,
+                                    gate="sigmoid", gate_sharpness=0.5)
+    assert 0.0 < parts["metrics"]["num_gated"] < 1.0
+    _, _, m = eopd_loss(student, teacher_signals(teacher, target, cfg), old, mask, cfg)
+    assert float(m["num_gated"]) == pytest.approx(parts["metrics"]["num_gated"], rel=1e-5)
+    assert float(m["fkl_gated"]) == pytest.approx(parts["metrics"]["fkl_gated"], rel=1e-5)
+    assert float(m["fkl_gated"]) > float(m["fkl_term"]) / float(m["gate_fraction"]) * 0.999
+
+
+@pytest.mark.parametrize("alpha, tau", [(1.0, 100.0), (0.0, 0.0)], ids=["ungated", "alpha0"])
+def test_infinite_forward_kl_without_weight_is_not_nan(alpha, tau):
+    # a student logit of -inf at one of the teacher's top-k ids makes that token's forward KL infinite; where
+    # the forward-KL term has no weight (not gated, or alpha = 0) the loss, metrics and gradient stay finite
+    # and equal the reverse-KL-only loss
+    student, teacher, target, old, mask = _batch(seed=22)
+    top_id = teacher[1, 2].argmax()
+    student[1, 2, top_id] = float("-inf")
+    target[1, 2] = (top_id + 1) % student.shape[-1]
+    cfg = EOPDConfig(top_k=8, tau=tau, alpha=alpha)
+    x = student.clone().requires_grad_(True)
+    loss, n, m = eopd_loss(x, teacher_signals(teacher, target, cfg), old, mask, cfg)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad[torch.isfinite(student)]).all()
+    assert not any(torch.isnan(torch.as_tensor(v)).any() for v in m.values()), m
+    if alpha == 0.0:  # gated (tau = 0): the diagnostic reports the true, infinite forward KL; the loss ignores it
+        assert float(m["fkl_term"]) == float("inf") and float(m["gate_fraction"]) == 1.0
+    else:
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in m.values()) and float(m["fkl_term"]) == 0.0, m
+    y = student.clone().requires_grad_(True)
+    rkl_cfg = EOPDConfig(top_k=8, tau=100.0, alpha=0.0)
+    rkl_only, _, _ = eopd_loss(y, teacher_signals(teacher, target, rkl_cfg), old, mask, rkl_cfg)
+    rkl_only.backward()
+    assert float(loss) == pytest.approx(float(rkl_only), rel=1e-6)
+    torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_renormalize_is_not_zero_at_self_distillation_tail_is():
     # the paper's renormalised support: with student == teacher its term is -log M_t (M_t the teacher's
     # top-k mass) and it pushes mass into the top-k; tail is a true divergence

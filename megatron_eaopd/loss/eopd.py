@@ -141,7 +141,10 @@ def eopd_loss_sums(
         kl_base = torch.where(valid, l_rkl.detach(), zero)
         clip_frac_tok = torch.zeros_like(mask)
 
-    per_token = l_rkl + cfg.alpha * gate * l_fkl
+    # the forward-KL part only where its weight is non-zero: an infinite KL (a student -inf logit at a teacher
+    # top-k id) on an ungated token, or with alpha = 0, must not turn 0 * inf into NaN
+    fkl_part = torch.where(gate > 0, gate * l_fkl, zero)
+    per_token = l_rkl + (cfg.alpha * fkl_part if cfg.alpha > 0 else zero)
     per_token = torch.where(valid, per_token, zero)
     loss_sum = (per_token * mask).sum()
     num_tokens = valid.sum()
@@ -151,13 +154,13 @@ def eopd_loss_sums(
         ab = a + kl_base.double() * mask  # with the baseline
         sums = {
             "rkl_term": _masked_sum(l_rkl, mask),
-            "fkl_term": _masked_sum(gate * l_fkl, mask),
+            "fkl_term": _masked_sum(fkl_part, mask),
             "gate_fraction": _masked_sum(gate, mask),
             "teacher_entropy": _masked_sum(t_ent, mask),
             "student_entropy": _masked_sum(s_ent, mask),
             "teacher_high_entropy_fraction": _masked_sum((t_ent > cfg.tau).float(), mask),
             "student_high_entropy_fraction": _masked_sum((s_ent > cfg.tau).float(), mask),
-            "fkl_gated": _masked_sum(torch.where(valid, l_fkl.detach(), zero) * gate, mask),
+            "fkl_gated": _masked_sum(torch.where(valid, fkl_part.detach(), zero), mask),
             "log_ratio": _masked_sum(lp - old, mask),
             "clip_fraction": _masked_sum(clip_frac_tok, mask),
             # empty top-k slots (a teacher with fewer than k finite logits: -inf, id 0) hold no mass

@@ -70,6 +70,14 @@ DERIVED_METRICS: dict[str, Callable[[Mapping], float | torch.Tensor]] = {
 }
 
 
+def _safe_mean(v, d):
+    """``v / d``, or 0 when ``d`` <= 0; ``d`` may be a fractional weight sum (soft gates), never clamped to 1."""
+    if isinstance(d, torch.Tensor):
+        pos = d > 0
+        return torch.where(pos, v / torch.where(pos, d, torch.ones_like(d)), torch.zeros_like(v / torch.ones_like(d)))
+    return v / float(d) if float(d) > 0 else v * 0.0
+
+
 def reduce_metric_sums(sums: Mapping[str, float | torch.Tensor],
                        denominators: Mapping[str, str | None] = METRIC_DENOMINATORS,
                        derived: Mapping[str, Callable] = DERIVED_METRICS) -> dict:
@@ -93,8 +101,7 @@ def reduce_metric_sums(sums: Mapping[str, float | torch.Tensor],
         if den is None:
             out[k] = v
         else:
-            d = sums[den]
-            out[k] = v / (d.clamp(min=1) if isinstance(d, torch.Tensor) else max(float(d), 1.0))
+            out[k] = _safe_mean(v, sums[den])
     for k, fn in derived.items():
         try:
             out[k] = fn(out)
