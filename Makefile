@@ -45,7 +45,7 @@ test-gpu: $(if $(filter 1,$(SYSTEM_DEPS)),system-deps) setup
 bench: setup
 	$(PY) bench/bench_loss.py
 
-# Mutation testing of megatron_eaopd/loss/ (mutmut; ~45 min on 2 cores): writes bench/results/mutation.json and
+# Mutation testing of megatron_eaopd/loss/ (mutmut; over an hour on 2 cores, README): writes bench/results/mutation.json and
 # fails when a surviving mutant is neither killed by a test nor listed in bench/mutation_equivalents.json.
 mutation: setup
 	$(PY) bench/mutation.py

@@ -3,17 +3,23 @@
 Phase 1: ``mutmut run`` mutates every function of loss/ (configuration: ``[tool.mutmut]`` in
 pyproject.toml) and, per mutant, runs the in-process loss tests that execute the mutated function
 (one forked worker per mutant from an interpreter that has imported torch once).
-Phase 2: every survivor that is not listed as equivalent is run against the TP = 2 torchrun test
-(``tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]``). mutmut cannot select that
-test itself (the loss runs in torchrun's worker processes, which it does not trace), but the workers
-import the mutated copy under ``mutants/`` and follow ``MUTANT_UNDER_TEST``, so the mutant is active.
+Phase 2: every survivor that is not listed as equivalent is run against the TP = 2, then the TP = 4
+torchrun test (``tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2|4]``); survivors in
+quantile.py (the data-parallel gather of ``tau_quantile``, which a single process never runs) also against
+``tests/test_objectives.py::test_quantile_gathers_every_rank[3]``, survivors in objective.py against
+``tests/test_objectives.py::test_variants_tensor_and_data_parallel[2]``. mutmut
+cannot select these tests itself (the loss runs in torchrun's worker processes, which it does not
+trace), but the workers import the mutated copy under ``mutants/`` and follow ``MUTANT_UNDER_TEST``, so
+the mutant is active.
 
 Writes ``bench/results/mutation.json``: the score, the counts per file and every surviving mutant with
 its diff and, when it is equivalent, the reason (``bench/mutation_equivalents.json``). Exits 1 when a
 survivor is neither killed nor explained there.
 
-    python bench/mutation.py                  # both phases and the report (about 40 min on 2 cores)
-    python bench/mutation.py --report-only    # the report of the last run in mutants/
+    python bench/mutation.py                  # both phases and the report (on 2 cores: see README)
+    python bench/mutation.py --report-only    # phase 2 where not yet run, then the report of mutants/
+    python bench/mutation.py --resume         # phase 1 for the mutants an interrupted run left, then as above
+    python bench/mutation.py --report-only --no-phase2   # the report only
 """
 
 from __future__ import annotations
@@ -32,9 +38,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "mutation.json"
 EQUIVALENTS = ROOT / "bench" / "mutation_equivalents.json"
-#: Phase 2 runs the TP = 2 test, then the TP = 4 test (which adds TP groups of 2 inside 4 ranks) on what is left.
+#: Phase 2 runs the TP = 2 test, then the TP = 4 test (which adds TP groups of 2 inside 4 ranks) on what is left,
+#: then, for survivors in the files each adds coverage for (None: every file), the quantile's and the objectives'
+#: torchrun tests.
+#: Last, metrics.py's survivors run its reduction test in a fresh process: ``_variance`` builds the
+#: ``DERIVED_METRICS`` closures at import, before mutmut's phase-1 workers fork, so only a process that
+#: imports the module with ``MUTANT_UNDER_TEST`` already set sees those mutants.
 TP_TESTS = ("tests/test_loss.py::test_tensor_parallel_against_fp64_reference[2]",
-            "tests/test_loss.py::test_tensor_parallel_against_fp64_reference[4]")
+            "tests/test_loss.py::test_tensor_parallel_against_fp64_reference[4]",
+            "tests/test_objectives.py::test_quantile_gathers_every_rank[3]",
+            "tests/test_objectives.py::test_variants_tensor_and_data_parallel[2]",
+            "tests/test_objectives.py::test_reduce_metric_sums_at_its_edges")
+TP_TEST_FILES = {TP_TESTS[2]: ("megatron_eaopd/loss/quantile.py",),
+                 TP_TESTS[3]: ("megatron_eaopd/loss/objective.py",),
+                 TP_TESTS[4]: ("megatron_eaopd/loss/metrics.py",)}
+TP_LABELS = {TP_TESTS[2]: "3-quantile", TP_TESTS[3]: "2-objectives", TP_TESTS[4]: "1-import"}
 KILLED = {"killed", "timeout", "caught by type check", "segfault"}
 #: Equivalence categories that hold on CPU only (bench/mutation_equivalents.json).
 CPU_ONLY = {"device", "shard_check_device"}
@@ -44,9 +62,11 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def run_mutmut(max_children: int) -> float:
-    """Phase 1 in a fresh ``mutants/`` directory; returns its wall time in seconds."""
-    subprocess.run(["rm", "-rf", str(ROOT / "mutants")], check=True)
+def run_mutmut(max_children: int, fresh: bool = True) -> float:
+    """Phase 1 in a fresh ``mutants/`` directory (or, ``fresh=False``, the mutants the last run has not
+    checked yet); returns its wall time in seconds."""
+    if fresh:
+        subprocess.run(["rm", "-rf", str(ROOT / "mutants")], check=True)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
                           cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -79,7 +99,7 @@ def collect() -> list[dict]:
         for name, code in data.exit_code_by_key.items():
             status = status_by_exit_code[code]
             rec = dict(name=name, file=str(path), function=function_of(name), status=status)
-            if status not in KILLED:
+            if status not in KILLED and code is not None:  # None: phase 1 has not run this mutant yet
                 diff = get_diff_for_mutant(name, path=path).splitlines()
                 rec["change"] = [ln[0] + ln[1:].strip() for ln in diff
                                  if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
@@ -111,9 +131,11 @@ def report(muts: list[dict], seconds: dict) -> int:
     equivalents = load_equivalents()
     by_file: dict[str, Counter] = {}
     survivors = []
+    not_checked = sum(1 for m in muts if "change" not in m and m["status"] not in KILLED)
+    muts = [m for m in muts if "change" in m or m["status"] in KILLED]
     for m in muts:
         st = m["status"]
-        if st == "survived" and key(m) in equivalents:
+        if st in ("survived", "no tests") and key(m) in equivalents:
             st = "equivalent"
         m["final"] = st if st not in KILLED else "killed"
         by_file.setdefault(m["file"], Counter())[m["final"]] += 1
@@ -128,13 +150,18 @@ def report(muts: list[dict], seconds: dict) -> int:
     result = {
         "tool": "mutmut 3.8.1",
         "mutated": "megatron_eaopd/loss/*.py ([tool.mutmut] in pyproject.toml)",
-        "tests_phase1": "in-process: tests/test_loss.py (without the torchrun tests), test_loss_metrics.py, "
-                        "test_loss_inputs.py, test_loss_numerics.py; per mutant only the tests that run the mutated "
-                        "function",
-        "tests_phase2": " then ".join(TP_TESTS) + " (torchrun, gloo), for survivors not listed as equivalent",
+        "tests_phase1": "in-process: tests/test_loss.py, test_loss_metrics.py, test_loss_inputs.py, "
+                        "test_loss_numerics.py, test_objectives.py (without the torchrun tests, the recipe and the "
+                        "plot tests); per mutant only the tests that run the mutated function",
+        "tests_phase2": " then ".join(f"{t} (survivors in {', '.join(TP_TEST_FILES[t])} only)" if t in TP_TEST_FILES
+                                      else t for t in TP_TESTS) + " (torchrun, gloo), for survivors not listed as "
+                                                                  "equivalent",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "seconds": seconds,
-        "mutants": n,
+        "complete": not_checked == 0 and not unexplained,
+        "not_checked": not_checked,
+        "mutants": n + not_checked,
+        "checked": n,
         "killed": killed,
         "killed_by_torchrun": dict(Counter(m["killed_by"] for m in muts if m.get("killed_by"))),
         "equivalent": total["equivalent"],
@@ -145,7 +172,7 @@ def report(muts: list[dict], seconds: dict) -> int:
         "no_tests": total["no tests"],
         "score": round(killed / max(1, n), 4),
         "score_excluding_equivalent": round(killed / max(1, n - total["equivalent"]), 4),
-        "score_note": "score = killed / mutants; score_excluding_equivalent = killed / (mutants - equivalent). "
+        "score_note": "score = killed / checked; score_excluding_equivalent = killed / (checked - equivalent). "
                       "'equivalent_cpu_only' survivors (a buffer created without the input's device) compute the "
                       "same on CPU but would fail on CUDA: they need a GPU run to be killed.",
         "per_file": {f: dict(c) for f, c in sorted(by_file.items())},
@@ -153,22 +180,33 @@ def report(muts: list[dict], seconds: dict) -> int:
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if not_checked:
+        print(f"INCOMPLETE: phase 1 has not run {not_checked} mutants yet (resume: python bench/mutation.py --resume)")
     print(f"mutation score {result['score']:.1%} ({killed} of {n} mutants killed); {total['equivalent']} survivors "
           f"equivalent ({result['equivalent_cpu_only']} of them on CPU only), {len(unexplained)} unexplained; "
           f"{RESULT.relative_to(ROOT)}")
     for s in unexplained:
         print(f"  SURVIVED {s['name']} ({s['status']}): {' | '.join(s['change'])}")
-    return 1 if unexplained else 0
+    return 1 if unexplained or not_checked else 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--report-only", action="store_true", help="report on the last run in mutants/")
     ap.add_argument("--max-children", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("--resume", action="store_true",
+                    help="phase 1 for the mutants the last run in mutants/ has not checked, then phase 2 and the report")
+    ap.add_argument("--no-phase2", action="store_true",
+                    help="report without running phase 2 for the survivors it has not run yet")
     ap.add_argument("--tp-timeout", type=float, default=300.0, help="seconds per phase-2 torchrun test")
     args = ap.parse_args(argv)
     timing = ROOT / "mutants" / "timing.json"
-    if not args.report_only:
+    if args.resume:
+        seconds = json.loads(timing.read_text()) if timing.exists() else {}
+        secs = round(run_mutmut(args.max_children, fresh=False), 1)
+        seconds["phase1_mutmut"] = round(seconds.get("phase1_mutmut", 0.0) + secs, 1)
+        timing.write_text(json.dumps(seconds))
+    elif not args.report_only:
         secs = round(run_mutmut(args.max_children), 1)
         timing.write_text(json.dumps({"phase1_mutmut": secs, "max_children": args.max_children}))
     seconds = json.loads(timing.read_text()) if timing.exists() else {}
@@ -176,20 +214,25 @@ def main(argv=None) -> int:
     if not muts:
         raise SystemExit("no mutation results in mutants/: run without --report-only first")
     equivalents = load_equivalents()
-    pending = [m for m in muts if m["status"] not in KILLED and key(m) not in equivalents]
+    pending = [m for m in muts if m["status"] not in KILLED and "change" in m and key(m) not in equivalents]
     phase2_file = ROOT / "mutants" / "phase2.json"
     done = json.loads(phase2_file.read_text()) if phase2_file.exists() else {}
     t0 = time.monotonic()
     for test in TP_TESTS:
-        label = test.rsplit("[", 1)[-1].rstrip("]")
+        label = TP_LABELS.get(test) or test.rsplit("[", 1)[-1].rstrip("]")
+        files = TP_TEST_FILES.get(test)
         for i, m in enumerate(pending):
+            if files is not None and m["file"] not in files:
+                continue
             k = f"{m['name']}@tp{label}"
+            if k not in done and args.no_phase2:
+                continue
             if k not in done:
                 done[k] = run_tp_test(m["name"], test, args.tp_timeout)
                 phase2_file.write_text(json.dumps(done, indent=0))
                 print(f"  phase 2 TP={label} [{i + 1}/{len(pending)}] {m['name']}: {done[k]}", flush=True)
-            if done[k] == "killed":
-                m["status"], m["killed_by"] = "killed", f"torchrun TP={label}"
+            if done.get(k) == "killed":
+                m["status"], m["killed_by"] = "killed", ("fresh process" if label == "1-import" else f"torchrun TP={label}")
         pending = [m for m in pending if m["status"] not in KILLED]
     ran = round(time.monotonic() - t0, 1)
     if ran > 1.0:  # accumulate over interrupted and resumed invocations

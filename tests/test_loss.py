@@ -270,6 +270,13 @@ def test_chunked_equals_unchunked_on_packed_2d_input():
         torch.testing.assert_close(vocab_parallel_log_probs(x, ids, chunk_size=cs), vocab_parallel_log_probs(x, ids),
                                    atol=0, rtol=0)
     torch.testing.assert_close(vocab_parallel_entropy(x).double(), ref.entropy(x), atol=1e-6, rtol=0)
+    # the teacher pass (top-k and the mass outside it) chunked over tokens: every chunk's rows as in one chunk
+    t, target = x.view(1, 37, 100), ids[:, 0].view(1, 37)
+    one = teacher_signals(t, target, EOPDConfig(top_k=4))
+    for cs in (1, 5):
+        chunked = teacher_signals(t, target, EOPDConfig(top_k=4), chunk_size=cs)
+        for f in ("target_log_probs", "entropy", "topk_ids", "topk_log_probs", "rest_log_prob"):
+            torch.testing.assert_close(getattr(chunked, f), getattr(one, f), atol=0, rtol=0)
 
 
 def test_self_distillation_topk_mode_has_zero_advantage():

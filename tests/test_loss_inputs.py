@@ -54,6 +54,17 @@ def test_config_accepts_its_boundaries():
         assert isinstance(cfg, EOPDConfig)
 
 
+def test_config_copies_with_vocab_size_and_tau():
+    c = EOPDConfig(top_k=4, tau=0.3, gate="sigmoid", gate_sharpness=0.5, tau_quantile=0.4)
+    e, t = c.with_vocab_size(10), c.with_tau(1.25)
+    assert e.model_dump() == {**c.model_dump(), "vocab_size": 10} and type(e.vocab_size) is int
+    assert t.model_dump() == {**c.model_dump(), "tau": 1.25} and (c.vocab_size, c.tau) == (None, 0.3)
+    with pytest.raises(ValueError, match=r"top_k \(4\) exceeds vocab_size \(3\)"):
+        c.with_vocab_size(3)
+    with pytest.raises(ValueError, match=r"tau\n  Input should be greater than or equal to 0"):
+        c.with_tau(-0.5)
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(tau="high"), r"tau\n  Input should be a valid number.*input_value='high'"),
     (dict(alpha=float("nan")), r"alpha\n  Input should be a finite number.*input_value=nan"),
@@ -264,7 +275,7 @@ def test_eopd_loss_names_the_bad_argument():
         eopd_loss(student, sig, old, mask, {})
     with pytest.raises(ValueError, match=_exact("student_logits must be [B, S, V_local], got shape (4, 64)")):
         eopd_loss(student[:, 0], sig, old, mask, cfg)
-    for name in ("loss_mask", "sig.target_ids", "sig.target_log_probs", "sig.entropy"):
+    for name in ("loss_mask", "sig.target_ids", "sig.target_log_probs", "sig.entropy", "sig.rest_log_prob"):
         args = dict(mask=mask, sig=sig)
         if name == "loss_mask":
             args["mask"] = mask[:, :5]
@@ -278,7 +289,8 @@ def test_eopd_loss_names_the_bad_argument():
         bad = TeacherSignals(**{**sig.__dict__, field: getattr(sig, field)[..., :3]})
         with pytest.raises(ValueError, match=_exact(f"sig.topk_ids {shapes} must be [B, S, k] with [B, S] = (4, 6)")):
             eopd_loss(student, bad, old, mask, cfg)
-    for field, index in (("target_log_probs", (1, 2)), ("entropy", (1, 2)), ("topk_log_probs", (1, 2, 3))):
+    for field, index in (("target_log_probs", (1, 2)), ("entropy", (1, 2)), ("topk_log_probs", (1, 2, 3)),
+                         ("rest_log_prob", (2, 4))):
         t = getattr(sig, field).clone()
         t[index] = float("nan")
         bad = TeacherSignals(**{**sig.__dict__, field: t})

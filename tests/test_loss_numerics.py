@@ -218,6 +218,8 @@ def test_fp32_outputs_for_fp64_inputs_and_a_float64_default_dtype():
             loss, _, m = eopd_loss(xs, teacher_signals(teacher, target, cfg), old, torch.ones(1, 7), cfg)
             loss.backward()
             out += [loss, xs.grad] + [m[k] for k in sorted(m)]
+        sig = teacher_signals(teacher, target, EOPDConfig(top_k=4))
+        out += [getattr(sig, f) for f in ("target_log_probs", "entropy", "topk_log_probs", "rest_log_prob")]
         _, lse = vocab_parallel_log_softmax_stats(x)
         return out + [lse, vocab_parallel_topk(x, 3)[0]]
 

@@ -13,6 +13,7 @@ teacher's rest mass (``rest_log_prob``) 1e-6 relative in log space, down to mass
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +37,9 @@ from megatron_eaopd.loss import (
     reduce_metric_sums,
     teacher_signals,
 )
+from megatron_eaopd.loss import TeacherSignals, vocab_parallel_log_probs_and_entropy
 from megatron_eaopd.loss.quantile import exact_quantile
-from megatron_eaopd.loss.topk_kl import topk_reverse_kl
+from megatron_eaopd.loss.topk_kl import TAIL_FLOOR, topk_forward_kl, topk_reverse_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = {"torch.float32": (1e-6, 2e-6), "torch.bfloat16": (1e-6, 5e-3)}
@@ -74,6 +76,25 @@ def test_variants_tensor_and_data_parallel(torchrun, tp):
         assert len(recs) == 2 * n_variant + 2, (rank, len(recs))  # fp32 + bf16 variants, 2 DP checks
         _assert_records(recs)
         assert sum(r["check"].startswith("dp_") for r in recs) == 2
+
+
+@pytest.mark.parametrize("world", [3])
+def test_quantile_gathers_every_rank(torchrun, world):
+    import quantile_tp
+
+    allv = torch.cat([quantile_tp.values_of(r) for r in range(world)]).double()
+    results = torchrun("quantile_tp.py", world)
+    for rank, recs in results.items():
+        got = {r["check"]: r for r in recs}
+        mine = quantile_tp.values_of(rank).double().tolist()
+        assert got["gather"]["values"] == allv.tolist()  # every value, in rank order, exactly (float64)
+        assert (got["gather"]["dtype"], got["gather"]["device"]) == ("torch.float64", "cpu")
+        assert got["gather_single"]["values"] == mine and got["gather_default"]["values"] == allv.tolist()
+        assert got["gather_empty"]["values"] == allv[1:].tolist()
+        want = [float(np.quantile(allv.numpy(), q)) for q in (0.0, 0.3, 1.0)]
+        assert got["quantile"]["q"] == pytest.approx(want, abs=1e-12)
+        assert got["quantile"]["single"] == pytest.approx(float(np.quantile(mine, 0.3)), abs=1e-12)
+        assert got["quantile"]["default"] == pytest.approx(want[1], abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,6 +339,10 @@ def test_exact_quantile_matches_numpy():
         for q in (0.0, 0.1, 0.5, 0.83, 1.0):
             assert exact_quantile(x, q) == pytest.approx(float(np.quantile(x.double().numpy(), q)), abs=1e-12)
     assert exact_quantile(torch.zeros(0), 0.5) is None
+    # q = 0 and q = 1 are exactly the smallest and the largest value (no interpolation rounding: with these
+    # two values a + (b - a) * 1 is one ulp off b)
+    two = torch.tensor([3.012667912441461, 0.002750826135755835], dtype=torch.float64)
+    assert (exact_quantile(two, 1.0), exact_quantile(two, 0.0)) == (3.012667912441461, 0.002750826135755835)
     with pytest.raises(ValueError, match="q must lie in"):
         exact_quantile(x, 1.5)
     with pytest.raises(ValueError, match="non-finite"):
@@ -337,6 +362,7 @@ def test_for_iteration():
             raise KeyError(mb.index)
 
     assert obj.for_iteration(NoSignals(), mbs) is obj
+    assert obj.for_iteration(_Teacher(None), []) is obj  # no micro-batch on this rank: no value, tau unchanged
 
     class Partial(_Teacher):
         def for_micro_batch(self, mb):
@@ -353,6 +379,10 @@ def test_for_iteration():
     _, _, sums = it.loss(student, sig, old, mask)
     m = it.reduce(sums)
     assert m["tau"] == pytest.approx(it.cfg.tau) and m["teacher_high_entropy_fraction"] == pytest.approx(0.5, abs=0.03)
+    # a sharp teacher: the quantile lies below 1 nat and is used as it is (only a negative one is raised to 0)
+    sharp = obj.teacher_signals(teacher * 8, target)
+    low = obj.for_iteration(_Teacher(sharp), mbs).cfg.tau
+    assert low == pytest.approx(oref.quantile(sharp.entropy.double(), mask, 0.5), abs=1e-6) and 0 < low < 0.5
 
 
 def test_metric_tables_are_consistent():
@@ -371,6 +401,98 @@ def test_metric_tables_are_consistent():
     # plain floats (what the trainer's all-reduce gives) reduce the same way
     floats = reduce_metric_sums({k: float(v) for k, v in sums.items()})
     assert floats["advantage_var"] == pytest.approx(float(one["advantage_var"]), rel=1e-12)
+
+
+def test_topk_kls_use_the_given_rest_and_floor_it():
+    # the teacher's rest as given (row 0: 0.2, not the 0.25 its top-k leaves) is the rest bucket; the student's
+    # rest (row 1: none) is floored at TAIL_FLOOR in the forward KL, the teacher's in the reverse KL
+    t = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.3]], dtype=torch.float64))
+    s = torch.log(torch.tensor([[0.3, 0.3], [0.6, 0.4]], dtype=torch.float64))
+    t_rest = torch.log(torch.tensor([0.2, 1e-12], dtype=torch.float64))
+    q = torch.cat([t.exp(), t_rest.exp()[:, None]], -1)
+    p = torch.cat([s.exp(), (1 - s.exp().sum(-1)).clamp(min=0)[:, None]], -1)
+    pf = torch.cat([p[:, :-1], p[:, -1:].clamp(min=TAIL_FLOOR)], -1)
+    fkl = (pf - q + q * (q.log() - pf.log())).sum(-1)  # sum_b q_b (e^d_b - 1 - d_b), d = log p - log q
+    torch.testing.assert_close(topk_forward_kl(t, s, "tail", t_rest), fkl, rtol=1e-10, atol=0)
+    qr = torch.cat([q[:, :-1], q[:, -1:].clamp(min=TAIL_FLOOR)], -1)
+    rkl = torch.where(p > 0, p * (p.log() - qr.log()), 0.0).sum(-1)
+    torch.testing.assert_close(topk_reverse_kl(t, s, t_rest), rkl, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match=r"^fkl_support must be 'renormalize', 'raw' or 'tail', got 'full'$"):
+        topk_forward_kl(t, s, "full")
+
+
+def test_given_teacher_rest_reaches_the_baseline_and_the_tail():
+    # TeacherSignals.rest_log_prob (not log(1 - sum) of the top-k) is the teacher's rest bucket of both the
+    # baseline's reverse KL and the tail forward KL: halving it changes both metrics, each as the KLs predict
+    student, teacher, target, old, mask = _batch(seed=15)
+    cfg = EOPDConfig(top_k=8, tau=0.0, rkl_baseline="kl", fkl_support="tail")
+    sig = teacher_signals(teacher, target, cfg)
+    ids = torch.cat([target[..., None], sig.topk_ids], -1)
+    s_topk = vocab_parallel_log_probs_and_entropy(student, ids)[0][..., 1:].detach()
+    valid = mask > 0
+    got = []
+    for rest in (sig.rest_log_prob, sig.rest_log_prob - math.log(2.0)):
+        sig_r = TeacherSignals(**{**sig.__dict__, "rest_log_prob": rest})
+        _, _, m = eopd_loss(student, sig_r, old, mask, cfg)
+        args = (sig.topk_log_probs.reshape(-1, 8), s_topk.reshape(-1, 8))
+        rkl = topk_reverse_kl(*args, rest.reshape(-1)).view(mask.shape)
+        fkl = topk_forward_kl(*args, "tail", rest.reshape(-1)).view(mask.shape)
+        assert float(m["baseline_kl"]) == pytest.approx(float(rkl[valid].mean()), rel=1e-6)
+        assert float(m["fkl_term"]) == pytest.approx(float(fkl[valid].mean()), rel=1e-6)
+        got.append((float(m["baseline_kl"]), float(m["fkl_term"])))
+    assert abs(got[0][0] - got[1][0]) > 1e-3 * got[0][0] and abs(got[0][1] - got[1][1]) > 1e-3 * got[0][1]
+
+
+def test_student_high_entropy_fraction_is_strict_at_tau():
+    student, teacher, target, old, mask = _batch(seed=16)
+    sig = teacher_signals(teacher, target, EOPDConfig(top_k=8))
+    _, s_ent = vocab_parallel_log_probs_and_entropy(student, torch.cat([target[..., None], sig.topk_ids], -1))
+    tau = float(s_ent[1, 2])  # a valid token's own entropy: a tie, which the strict '>' leaves out
+    _, _, m = eopd_loss(student, sig, old, mask, EOPDConfig(top_k=8, tau=tau))
+    valid = mask > 0
+    assert float(m["student_high_entropy_fraction"]) == pytest.approx(
+        float((s_ent[valid] > tau).double().mean()), rel=1e-12)
+    assert float((s_ent[valid] >= tau).double().mean()) > float((s_ent[valid] > tau).double().mean())
+
+
+def test_reduce_metric_sums_at_its_edges():
+    # a count of exactly 1 is used as is; a mean over a zero count is 0, whatever was summed
+    for conv in (float, lambda x: torch.tensor(x, dtype=torch.float64)):
+        assert float(reduce_metric_sums({"loss": conv(2.0), "num_tokens": conv(0.0)})["loss"]) == 0.0
+        out = reduce_metric_sums({"loss": conv(3.0), "num_tokens": conv(1.0), "fkl_gated": conv(0.0),
+                                  "num_gated": conv(0.0)})
+        assert [float(out[k]) for k in ("loss", "num_tokens", "fkl_gated", "num_gated")] == [3.0, 1.0, 0.0, 0.0]
+        # a subset: the derived metric whose sums are there is computed, the other one is left out
+        out = reduce_metric_sums({"advantage_baselined": conv(3.0), "advantage_baselined_sq": conv(9.5),
+                                  "num_tokens": conv(1.0)})
+        assert "advantage_var" not in out and float(out["advantage_var_baselined"]) == 0.5
+        assert isinstance(out["advantage_var_baselined"], float if conv is float else torch.Tensor)
+        # E[A^2] - E[A]^2 below zero by rounding is reported as 0
+        out = reduce_metric_sums({"advantage": conv(1.0), "advantage_sq": conv(0.999), "num_tokens": conv(1.0)})
+        assert float(out["advantage_var"]) == 0.0
+    with pytest.raises(KeyError):
+        reduce_metric_sums({"no_such_metric": 1.0})
+
+
+def test_objective_attributes_payload_and_old_log_probs():
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(2, 3, 10, generator=g) * 3
+    logits[..., 8:] = 50.0  # padded columns carry the largest logits: they must get no mass
+    target = torch.randint(0, 8, (2, 3), generator=g)
+    for mode, payload in (("topk", "signals"), ("full", "logits")):
+        obj = build_objective(EOPDConfig(mode=mode, top_k=4, vocab_size=8))
+        assert obj.teacher_payload == payload and obj.cfg.mode == mode
+        assert obj.metric_keys == METRIC_KEYS and obj.sum_keys == tuple(METRIC_DENOMINATORS)
+        sig = obj.teacher_signals(logits, target)
+        assert torch.equal(sig.logits, logits) if mode == "full" else sig.logits is None
+    with pytest.raises(ValueError, match=r"^unknown objective 'opd'; registered: \['eopd'\]$"):
+        build_objective(EOPDConfig(), "opd")
+    # the old policy's log-probs: the objective's temperature and true vocabulary, fp32 [B, S]
+    obj = build_objective(EOPDConfig(top_k=4, temperature=0.7, vocab_size=8))
+    got = obj.sampled_log_probs(logits, target)
+    want = torch.log_softmax(logits[..., :8].double() / 0.7, -1).gather(-1, target[..., None])[..., 0]
+    assert got.dtype == torch.float32 and got.shape == (2, 3)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_new_settings_are_validated():
