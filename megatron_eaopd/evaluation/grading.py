@@ -365,7 +365,10 @@ class GradingPool:
                 try:
                     msg = conn.recv()
                 except (EOFError, OSError):
-                    code = w.proc.poll()
+                    try:  # the pipe closes a moment before the process is reaped: wait briefly for its code
+                        code = w.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        code = None
                     if not w.ready:
                         start_failed(w, f"exit code {code}")
                         continue
