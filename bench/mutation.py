@@ -18,7 +18,8 @@ survivor is neither killed nor explained there.
 
     python bench/mutation.py                  # both phases and the report (on 2 cores: see README)
     python bench/mutation.py --report-only    # phase 2 where not yet run, then the report of mutants/
-    python bench/mutation.py --resume         # phase 1 for the mutants an interrupted run left, then as above
+    python bench/mutation.py --resume         # phase 1 for the mutants an interrupted run left and for the
+                                              # survivors (tests added since), then as above
     python bench/mutation.py --report-only --no-phase2   # the report only
 """
 
@@ -105,6 +106,31 @@ def collect() -> list[dict]:
                                  if ln[:1] in "+-" and not ln.startswith(("+++", "---"))]
             out.append(rec)
     return out
+
+
+def reset_survivors() -> int:
+    """Clear the phase-1 verdicts 'survived' and 'no tests' in ``mutants/`` so the next ``mutmut run`` tests
+    those mutants again (mutmut keeps every verdict it has; tests added since would not be tried on them).
+    Returns how many verdicts were cleared."""
+    os.chdir(ROOT)
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.stats import status_by_exit_code
+    from mutmut.utils.file_utils import walk_mutatable_files
+
+    cleared = 0
+    for path in walk_mutatable_files():
+        if not (ROOT / "mutants" / f"{path}.meta").exists():
+            continue
+        data = SourceFileMutationData(path=path)
+        data.load()
+        stale = [k for k, c in data.exit_code_by_key.items()
+                 if c is not None and status_by_exit_code[c] in ("survived", "no tests")]
+        for k in stale:
+            data.exit_code_by_key[k] = None
+        if stale:
+            data.save()
+            cleared += len(stale)
+    return cleared
 
 
 def key(rec: dict) -> str:
@@ -195,7 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true", help="report on the last run in mutants/")
     ap.add_argument("--max-children", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--resume", action="store_true",
-                    help="phase 1 for the mutants the last run in mutants/ has not checked, then phase 2 and the report")
+                    help="phase 1 for the mutants the last run in mutants/ has not checked and for its survivors "
+                         "(tests may have been added since), then phase 2 and the report")
     ap.add_argument("--no-phase2", action="store_true",
                     help="report without running phase 2 for the survivors it has not run yet")
     ap.add_argument("--tp-timeout", type=float, default=300.0, help="seconds per phase-2 torchrun test")
@@ -203,6 +230,7 @@ def main(argv=None) -> int:
     timing = ROOT / "mutants" / "timing.json"
     if args.resume:
         seconds = json.loads(timing.read_text()) if timing.exists() else {}
+        print(f"resume: {reset_survivors()} survivors of the last run are tested again with the current tests", flush=True)
         secs = round(run_mutmut(args.max_children, fresh=False), 1)
         seconds["phase1_mutmut"] = round(seconds.get("phase1_mutmut", 0.0) + secs, 1)
         timing.write_text(json.dumps(seconds))

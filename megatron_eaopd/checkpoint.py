@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_eaopd.distributed import unwrap
 from megatron_eaopd.dtypes import dtype_name
@@ -308,6 +309,15 @@ def save_checkpoint(
     return final
 
 
+def _first_failure(e: CheckpointException) -> str:
+    """``"FileNotFoundError: ... (rank 0)"`` for the lowest failed rank of a torch.distributed.checkpoint error."""
+    if not e.failures:
+        return str(e.args[0] if e.args else e)
+    rank = min(e.failures)
+    exc = e.failures[rank][0]
+    return f"{type(exc).__name__}: {exc} (rank {rank})"
+
+
 def load_checkpoint(
     ckpt_dir: str | os.PathLike,
     model_chunks: list,
@@ -335,7 +345,9 @@ def load_checkpoint(
     Raises:
         FileNotFoundError: see :func:`resolve_checkpoint`.
         RuntimeError: architecture/vocabulary differs from the checkpoint's (names both); with ``strict``,
-            weights missing or unexpected (names them).
+            weights missing or unexpected (names them); a shard file missing or unreadable (names the
+            first rank's error: torch's ``CheckpointException`` is a ``BaseException`` that no ``except
+            Exception`` would see).
     """
     from megatron.core import dist_checkpointing
 
@@ -351,7 +363,11 @@ def load_checkpoint(
     state = model_sharded_state_dict(model_chunks, metadata)
     for k, v in (extra_sharded or {}).items():
         state[k] = v
-    loaded = dist_checkpointing.load(state, str(d))
+    try:
+        loaded = dist_checkpointing.load(state, str(d))
+    except CheckpointException as e:  # a BaseException carrying every rank's traceback: name the cause instead
+        raise RuntimeError(f"cannot read checkpoint {d}: {_first_failure(e)}; the folder is incomplete or damaged "
+                           f"(load another iteration with --iteration, or convert/train it again)") from None
     keys = ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
     for k, m in zip(keys, model_chunks):
         load_model_state(unwrap(m), loaded[k], strict=strict, source=f"checkpoint {d}")

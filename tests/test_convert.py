@@ -481,3 +481,25 @@ def test_cli_rejects_impossible_numbers_first(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert err.startswith(f"[convert_hf] error: {needle}") and err.count("\n") == 1, err
     assert not (tmp_path / "OUT").exists()
+
+
+def test_cli_failure_after_the_checks_is_exit_1_not_bad_input(tiny_ckpt, tmp_path):
+    """Exit 2 means "bad input, found before anything was loaded"; a checkpoint whose weight files vanish
+    after the checks passed (here: missing from the start, which only loading finds) is exit 1, and the
+    export leaves nothing behind."""
+    hf, ckpt = tiny_ckpt
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken)
+    shards = list(broken.rglob("*.distcp"))
+    assert shards, sorted(p.name for p in broken.rglob("*"))
+    for f in shards:
+        f.unlink()
+    out = tmp_path / "hf_out"
+    p = _cli("export", "--ckpt", broken, "--out", out, "--no-progress")
+    assert p.returncode == 1, (p.returncode, p.stderr[-3000:])
+    # torch's CheckpointException is a BaseException with every rank's traceback: one line names the cause
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("[convert_hf] error:")]
+    assert len(lines) == 1 and f"cannot read checkpoint {broken}/iter_0000000: FileNotFoundError" in lines[0], lines
+    assert shards[0].name in lines[0]
+    assert not out.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]  # no staging folder left

@@ -7,8 +7,9 @@
 ``--hf`` is a local Hugging Face folder or a hub id already in the local Hugging Face cache (never
 downloaded: ``hf download ORG/NAME`` first). Runs as one process (the checkpoint reshards to any
 TP/PP on load). ``import`` may also run under ``torchrun --nproc-per-node N`` with ``--tp/--pp``.
-Exit codes: 0 success; 2 bad input (a path, an option value, an ``--out`` that holds other data: one line
-says what and how to fix it, and nothing is written); 1 a failed ``--verify`` or another failure. ``export``
+Exit codes: 0 success; 2 bad input, found before anything is loaded (a path, an option value, an ``--out``
+that holds other data: one line says what and how to fix it, and nothing is written); 1 a failure after
+that (a failed ``--verify``, a full disk, a file that changed while converting). ``export``
 replaces ``--out`` only when it is an earlier export of this tool (it carries ``.eaopd_export.json``);
 ``import`` writes only into a new or empty folder or an earlier import's checkpoint. All logic is in
 ``megatron_eaopd.models.convert``.
@@ -72,7 +73,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (0 success, 2 bad input, 1 failed ``--verify`` or other failure)."""
+    """CLI entry point; returns the exit code: 0 success; 2 bad input, found by the checks that run before
+    anything is loaded or written (:func:`~megatron_eaopd.models.convert.check_import` / ``check_export``);
+    1 a failure after that (a failed ``--verify``, a full disk, a file that vanished while converting)."""
     args = _parser().parse_args(argv)
     try:
         if args.cmd == "prepare-smollm2":
@@ -83,17 +86,21 @@ def main(argv: list[str] | None = None) -> int:
         _check_numbers(args)
         # cheap validation first: no megatron import for a wrong path
         if args.cmd == "import":
-            from megatron_eaopd.models.hf import hf_to_gpt_args
-
             args.hf = str(resolve_model_source(args.hf, key="--hf", kinds=("hf_dir", "hub"), need="weights").path)
-            hf_to_gpt_args(args.hf)
         else:
-            from megatron_eaopd.checkpoint import read_checkpoint_metadata
-
             resolve_model_source(args.ckpt, key="--ckpt", kinds=("megatron",))  # run dirs, HF folders: named fixes
-            read_checkpoint_metadata(args.ckpt, args.iteration)
         from megatron_eaopd.models import convert
 
+        if args.cmd == "import":
+            convert.check_import(args.hf, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp)
+        else:
+            convert.check_export(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
+                                 max_shard_size=args.max_shard_size)
+    except (FileNotFoundError, NotImplementedError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"[convert_hf] error: {msg}", file=sys.stderr)
+        return 2
+    try:
         if args.cmd == "import":
             s = convert.import_hf(args.hf, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp, verify=args.verify,
                                   atol=args.atol, progress=not args.no_progress)
@@ -101,12 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             s = convert.export_hf(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
                                   max_shard_size=args.max_shard_size, verify=args.verify, atol=args.atol,
                                   progress=not args.no_progress)
-    except (FileNotFoundError, NotImplementedError, ValueError, KeyError) as e:
+    except (FileNotFoundError, NotImplementedError, ValueError, KeyError, RuntimeError, OSError) as e:
+        # after the checks: a failed --verify, a full disk, a permission, a file that changed while converting
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"[convert_hf] error: {msg}", file=sys.stderr)
-        return 2
-    except (RuntimeError, OSError) as e:  # a failed --verify; a full disk, a permission
-        print(f"[convert_hf] error: {e}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(_fmt(s, args.cmd))

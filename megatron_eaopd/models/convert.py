@@ -49,7 +49,7 @@ from megatron_eaopd.models.provider import build_gpt_model
 from megatron_eaopd.models.staging import make_staging_dir, remove_stale_staging, replace_folder
 from megatron_eaopd.models.verify import DEFAULT_PROMPT, require_passed, verify_logits
 
-__all__ = ["HFTensorReader", "load_hf_weights", "import_hf", "export_hf", "verify_logits", "parse_size", "DEFAULT_PROMPT"]
+__all__ = ["HFTensorReader", "load_hf_weights", "check_import", "import_hf", "check_export", "export_hf", "verify_logits", "parse_size", "DEFAULT_PROMPT"]
 
 #: seed of the model RNG for conversions (no weight is random: every parameter is loaded)
 _SEED = 1234
@@ -223,6 +223,34 @@ def _check_import_target(out: Path, hf_dir: str | os.PathLike | None = None) -> 
                              f"to iteration 0. Choose a new folder")
 
 
+def check_import(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                 tp: int = 1, pp: int = 1) -> tuple:
+    """Every check :func:`import_hf` makes before it loads or writes anything (the CLI runs it first and
+    answers a failure with exit code 2: bad input, nothing written).
+
+    Returns:
+        ``(files, gpt_args, dtype)``: the HF folder's weight files, its model arguments, the storage dtype.
+    Raises:
+        ValueError: a bad ``tp``/``pp``/``dtype``, a world size they do not divide, an ``out`` that is a file,
+        the source folder or holds other data; FileNotFoundError / NotImplementedError / KeyError: not an HF
+        model folder of a supported architecture (each error names the problem and the fix).
+    """
+    for name, v in (("--tp", tp), ("--pp", pp)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} {v!r} must be an integer >= 1 (1 is fine: the checkpoint reshards to any TP/PP on load)")
+    files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
+    _check_import_target(Path(out), hf_dir)
+    args = hf_to_gpt_args(hf_dir)
+    dt = parse_dtype(dtype, args.source_dtype or torch.bfloat16)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world % (tp * pp):
+        raise ValueError(
+            f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes but this run has {world}; launch with "
+            f"torchrun --nproc-per-node {tp * pp}, or convert at tp=pp=1 (the checkpoint reshards to any TP/PP on load)"
+        )
+    return files, args, dt
+
+
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
               tp: int = 1, pp: int = 1, verify: bool = False, atol: float = 1e-3, progress: bool = True) -> dict:
     """Convert an HF folder to a Megatron torch_dist checkpoint (iteration 0) under ``out``.
@@ -242,19 +270,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str |
         shapes or missing tensors (each names the problem); RuntimeError: verification failed (the checkpoint it wrote is removed).
     """
     t0 = time.perf_counter()
-    for name, v in (("--tp", tp), ("--pp", pp)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} {v!r} must be an integer >= 1 (1 is fine: the checkpoint reshards to any TP/PP on load)")
-    files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
-    _check_import_target(Path(out), hf_dir)
-    args = hf_to_gpt_args(hf_dir)
-    dt = parse_dtype(dtype, args.source_dtype or torch.bfloat16)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world % (tp * pp):
-        raise ValueError(
-            f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes but this run has {world}; launch with "
-            f"torchrun --nproc-per-node {tp * pp}, or convert at tp=pp=1 (the checkpoint reshards to any TP/PP on load)"
-        )
+    files, _, dt = check_import(hf_dir, out, dtype=dtype, tp=tp, pp=pp)
     init_world(tp, pp, _SEED)
     chunks, info = build_gpt_model(hf_dir, params_dtype=dt, perform_initialization=False)
     n = load_hf_weights(chunks, files, progress=progress)
@@ -353,6 +369,27 @@ def _write_shards(tensors_iter, out: Path, max_shard: int, dtype: torch.dtype, p
     return total_params, total_bytes
 
 
+def check_export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
+                 iteration: int | None = None, max_shard_size: str | int = "2GB") -> tuple:
+    """Every check :func:`export_hf` makes before it loads or writes anything (the CLI runs it first and
+    answers a failure with exit code 2: bad input, nothing written).
+
+    Returns:
+        ``(max_shard_bytes, checkpoint_metadata, stored_dtype, out_dtype)``.
+    Raises:
+        FileNotFoundError: not a checkpoint, or one without its HF config; ValueError: a bad
+        ``max_shard_size`` / ``dtype`` or an ``out`` that is not new, empty or an earlier export.
+    """
+    max_shard = parse_size(max_shard_size, "--max-shard-size")
+    meta = read_checkpoint_metadata(ckpt, iteration)
+    assets = Path(meta["path"]) / ASSETS_DIR
+    if not (assets / "config.json").is_file():
+        raise FileNotFoundError(f"{assets}/config.json is missing; this checkpoint cannot be exported without its HF config")
+    _check_export_target(Path(ckpt), Path(out))
+    stored = parse_dtype(meta.get("dtype"), torch.bfloat16)
+    return max_shard, meta, stored, parse_dtype(dtype, stored)
+
+
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
               iteration: int | None = None, max_shard_size: str | int = "2GB", verify: bool = False,
               atol: float = 1e-3, progress: bool = True) -> dict:
@@ -376,15 +413,10 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
         RuntimeError: verification failed (checked before the export takes --out's place: a previous export stays).
     """
     t0 = time.perf_counter()
-    max_shard = parse_size(max_shard_size, "--max-shard-size")  # every argument is checked before loading anything
-    meta = read_checkpoint_metadata(ckpt, iteration)
+    max_shard, meta, stored, out_dtype = check_export(ckpt, out, dtype=dtype, iteration=iteration,
+                                                      max_shard_size=max_shard_size)
     src = Path(meta["path"])
     assets = src / ASSETS_DIR
-    if not (assets / "config.json").is_file():
-        raise FileNotFoundError(f"{assets}/config.json is missing; this checkpoint cannot be exported without its HF config")
-    _check_export_target(Path(ckpt), Path(out))
-    stored = parse_dtype(meta.get("dtype"), torch.bfloat16)
-    out_dtype = parse_dtype(dtype, stored)
     init_world(1, 1, _SEED)
     chunks, info = build_gpt_model(assets, params_dtype=stored, perform_initialization=False)
     load_checkpoint(src, chunks)
