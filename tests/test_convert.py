@@ -503,3 +503,20 @@ def test_cli_failure_after_the_checks_is_exit_1_not_bad_input(tiny_ckpt, tmp_pat
     assert len(lines) == 1 and f"cannot read checkpoint {broken}/iter_0000000: FileNotFoundError" in lines[0], lines
     assert shards[0].name in lines[0]
     assert not out.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["ckpt"]  # no staging folder left
+
+
+def test_export_refuses_a_symlinked_out_before_loading(tmp_path):
+    """The export is renamed into place at the end, which would fail on (or replace) a symbolic link: it is
+    refused by the checks before anything is loaded, naming the folder to give instead."""
+    from megatron_eaopd.models.convert import _check_export_target
+
+    real = tmp_path / "exports" / "v3"
+    real.mkdir(parents=True)
+    (real / ".eaopd_export.json").write_text("{}")
+    (real / "config.json").write_text("{}")
+    link = tmp_path / "latest"
+    link.symlink_to(real, target_is_directory=True)
+    with pytest.raises(ValueError, match=rf"--out {link} is a symbolic link \(to {real}\); give the folder itself"):
+        _check_export_target(tmp_path / "ckpt", link)
+    _check_export_target(tmp_path / "ckpt", real)  # the folder itself: an earlier export, replaced as a whole
+    assert sorted(p.name for p in real.iterdir()) == [".eaopd_export.json", "config.json"]

@@ -175,6 +175,8 @@ def _check_export_target(ckpt: Path, out: Path) -> None:
     ck, o = Path(ckpt).resolve(), Path(out).resolve()
     if o == ck or o in ck.parents:
         raise ValueError(f"--out {out} is (or contains) the checkpoint being exported ({ckpt}); choose a new folder")
+    if Path(out).is_symlink():  # the export is renamed into place: that would replace the link, not its folder
+        raise ValueError(f"--out {out} is a symbolic link (to {o}); give the folder itself (--out {o}) or a new path")
     _check_not_under_file(Path(out))
     if o.is_dir() and any(o.iterdir()):
         names = [p.name for p in o.iterdir()]
