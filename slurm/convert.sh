@@ -14,7 +14,7 @@
 # Qwen/Qwen3-8B and Qwen/Qwen3-4B-Base from the cache; written to checkpoints/mcore/<name>.
 # An OUT_DIR that already holds a complete checkpoint ('latest' naming an iter_* folder with
 # eaopd_checkpoint.json) is skipped; anything else there (e.g. a crashed conversion's .iter_*.tmp) is
-# converted again, and the converter refuses a folder holding other data.
+# converted again; a folder holding other data (or a file) is refused before any pair is converted.
 # Env: DTYPE (bf16), VERIFY=1 (compare logits after converting), FORCE=1 (convert again even over a
 # complete checkpoint), CONTAINER / CONTAINER_MOUNTS / PYTHON as for slurm/launch.sh (the HF cache
 # must be mounted in the container too).
@@ -85,6 +85,18 @@ for pair in "${PAIRS[@]}"; do   # check everything before converting anything
     hub_cached "$hf" || eaopd_die "$hf is neither a local folder (in $ROOT) nor in the Hugging Face cache $(hub_cache): on a machine with network, with the same HF_HOME / HF_HUB_CACHE, run: hf download $hf (or hf download $hf --local-dir checkpoints/hf/${hf##*/} and pass that folder)"
   else
     eaopd_die "$hf does not exist (in $ROOT): give a Hugging Face folder or a cached hub id (ORG/NAME)"
+  fi
+  # an OUT_DIR holding other data is refused now, before any pair is converted (the converter would refuse it
+  # only at its turn); what a checkpoint root of this project may hold is the converter's rule
+  if [ -e "$out" ] && [ ! -d "$out" ]; then eaopd_die "OUT_DIR $out is a file: give a folder path (in argument '$pair')"; fi
+  if [ -d "$out" ] && ! complete_checkpoint "$out"; then
+    foreign=()
+    for entry in "$out"/* "$out"/.[!.]* "$out"/..?*; do
+      [ -e "$entry" ] || [ -L "$entry" ] || continue
+      entry=${entry##*/}
+      [[ $entry =~ ^(latest|\.latest\.tmp|iter_[0-9]{7}|\.iter_[0-9]{7}\.(tmp|old))$ ]] || foreign+=("$entry")
+    done
+    [ ${#foreign[@]} -eq 0 ] || eaopd_die "OUT_DIR $out holds data that is not a checkpoint of this project (${foreign[*]:0:5}); nothing was converted. Choose a new or empty folder (in argument '$pair'), or remove $out yourself if nothing in it is needed"
   fi
 done
 echo "convert job $SLURM_JOB_ID on ${SLURMD_NODENAME:-?}: ${PAIRS[*]} (dtype ${DTYPE:-bf16}, python $PYTHON, container ${CONTAINER:-none})"

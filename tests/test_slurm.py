@@ -307,6 +307,32 @@ def test_convert_job_skips_only_complete_checkpoints(tmp_path):
     assert p.returncode == 0 and len(calls) == 1, (p.stderr, calls)
 
 
+def test_convert_job_refuses_foreign_out_dirs_before_converting_anything(tmp_path):
+    """An OUT_DIR holding other data was refused by the converter only at its pair's turn, after the pairs before
+    it had been converted (hours for large models): the job now refuses it before the first conversion."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    other = tmp_path / "other"
+    (other / "notes").mkdir(parents=True)
+    (other / "README.md").write_text("x")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    p, calls = convert_job(root, tmp_path, f"{hf}:{tmp_path / 'first'}", f"{hf}:{other}")
+    assert p.returncode == 1 and not calls, (p.stdout, calls)
+    named = p.stderr.split(f"OUT_DIR {other} holds data that is not a checkpoint of this project (")[1].split(")")[0]
+    assert sorted(named.split()) == ["README.md", "notes"], p.stderr
+    assert f"in argument '{hf}:{other}'" in p.stderr
+    p, calls = convert_job(root, tmp_path, f"{hf}:{tmp_path / 'first'}", f"{hf}:{afile}")
+    assert p.returncode == 1 and not calls and f"OUT_DIR {afile} is a file" in p.stderr, p.stderr
+    crashed = tmp_path / "crashed"  # a crashed import's leftovers are the converter's to clear: allowed
+    (crashed / ".iter_0000000.tmp").mkdir(parents=True)
+    p, calls = convert_job(root, tmp_path, f"{hf}:{tmp_path / 'first'}", f"{hf}:{crashed}")
+    assert p.returncode == 0 and len(calls) == 2, (p.stderr, calls)
+
+
 def test_convert_job_takes_hub_ids_from_the_cache(tmp_path):
     """Review finding 6: the README's hub ids (hf download Qwen/Qwen3-8B, no --local-dir) were refused: resolved
     from the local cache like tools/convert_hf.py (which is given the id)."""
