@@ -222,6 +222,21 @@ def test_bad_rows_named_with_their_index(bad):
         vocab_parallel_entropy(one)
 
 
+@pytest.mark.parametrize("fill", [-1e30, torch.finfo(torch.float32).min, torch.finfo(torch.bfloat16).min],
+                         ids=["minus_1e30", "fp32_min", "bf16_min"])
+def test_rows_masked_with_a_finite_fill_have_no_finite_entry(fill):
+    """A row masked with a large finite negative value (-1e30 or the dtype's min, as attention-style masking does)
+    is a row without a real entry, like an all -inf row: named, never turned into a uniform distribution."""
+    x = torch.randn(2, 4, 8)
+    x[0, 3, :] = fill
+    with pytest.raises(ValueError, match=_bad_row_msg("logits", (0, 3), 3)):
+        vocab_parallel_entropy(x)
+    with pytest.raises(ValueError, match=_bad_row_msg("teacher_logits", (0, 3), 3)):
+        teacher_signals(x, torch.zeros(2, 4, dtype=torch.long), EOPDConfig(top_k=2))
+    x[0, 3, 5] = -30.0  # one real entry: a valid (one-hot) distribution
+    assert float(vocab_parallel_entropy(x)[0, 3]) == pytest.approx(0.0, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # teacher_signals and eopd_loss
 # ---------------------------------------------------------------------------------------------
