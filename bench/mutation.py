@@ -9,8 +9,10 @@ quantile.py (the data-parallel gather of ``tau_quantile``, which a single proces
 ``tests/test_objectives.py::test_quantile_gathers_every_rank[3]``, survivors in objective.py against
 ``tests/test_objectives.py::test_variants_tensor_and_data_parallel[2]``. mutmut
 cannot select these tests itself (the loss runs in torchrun's worker processes, which it does not
-trace), but the workers import the mutated copy under ``mutants/`` and follow ``MUTANT_UNDER_TEST``, so
-the mutant is active.
+trace). Phase 2 forks the ranks of each of these tests from one interpreter that has imported the mutated
+copy under ``mutants/`` once (bench/mutation_tp.py; ranks follow ``MUTANT_UNDER_TEST``) and applies the
+test's own assertions (``check_*_results``) to their records; the fresh-process metrics test runs as a
+pytest subprocess per mutant.
 
 Writes ``bench/results/mutation.json``: the score, the counts per file and every surviving mutant with
 its diff and, when it is equivalent, the reason (``bench/mutation_equivalents.json``). Exits 1 when a
@@ -30,11 +32,15 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mutation_tp import FORKABLE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "mutation.json"
@@ -153,6 +159,27 @@ def run_tp_test(mutant: str, test: str, timeout: float) -> str:
     return "survived" if proc.returncode == 0 else "killed"
 
 
+def run_forked_batch(test: str, names: list[str], timeout: float, record) -> None:
+    """Phase 2 for ``names`` against a torchrun ``test`` from one warm interpreter (bench/mutation_tp.py, in a
+    subprocess that imports the mutated copy); restarted after the mutant it was on if it dies."""
+    left = list(names)
+    while left:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "mutation_tp.py"), test, str(timeout), *left],
+                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            if line.startswith("{"):
+                r = json.loads(line)
+                record(r["mutant"], r["status"], r["why"])
+                left.remove(r["mutant"])
+        err = proc.stderr.read()
+        if proc.wait() != 0 and not left:
+            break
+        if proc.returncode != 0:
+            if "fails without a mutant" in err:
+                raise SystemExit(err[-4000:])
+            record(left.pop(0), "killed", "the forking driver died on it")  # e.g. a mutant that kills the parent
+
+
 def report(muts: list[dict], seconds: dict) -> int:
     equivalents = load_equivalents()
     by_file: dict[str, Counter] = {}
@@ -225,7 +252,8 @@ def main(argv=None) -> int:
                          "(tests may have been added since), then phase 2 and the report")
     ap.add_argument("--no-phase2", action="store_true",
                     help="report without running phase 2 for the survivors it has not run yet")
-    ap.add_argument("--tp-timeout", type=float, default=300.0, help="seconds per phase-2 torchrun test")
+    ap.add_argument("--tp-timeout", type=float, default=120.0,
+                    help="seconds per mutant and phase-2 test (the unmutated TP = 4 test takes ~10 s on 2 cores)")
     args = ap.parse_args(argv)
     timing = ROOT / "mutants" / "timing.json"
     if args.resume:
@@ -244,21 +272,30 @@ def main(argv=None) -> int:
     equivalents = load_equivalents()
     pending = [m for m in muts if m["status"] not in KILLED and "change" in m and key(m) not in equivalents]
     phase2_file = ROOT / "mutants" / "phase2.json"
+    shutil.copytree(ROOT / "tests", ROOT / "mutants" / "tests", dirs_exist_ok=True)  # phase 2 judges with today's tests
     done = json.loads(phase2_file.read_text()) if phase2_file.exists() else {}
     t0 = time.monotonic()
     for test in TP_TESTS:
         label = TP_LABELS.get(test) or test.rsplit("[", 1)[-1].rstrip("]")
         files = TP_TEST_FILES.get(test)
-        for i, m in enumerate(pending):
-            if files is not None and m["file"] not in files:
-                continue
-            k = f"{m['name']}@tp{label}"
-            if k not in done and args.no_phase2:
-                continue
-            if k not in done:
-                done[k] = run_tp_test(m["name"], test, args.tp_timeout)
+        mine = [m for m in pending if files is None or m["file"] in files]
+        todo = [m["name"] for m in mine if f"{m['name']}@tp{label}" not in done]
+        if todo and not args.no_phase2:
+            print(f"phase 2 TP={label}: {len(todo)} survivors against {test}", flush=True)
+
+            def record(name: str, status: str, why: str = "", label=label) -> None:
+                done[f"{name}@tp{label}"] = status
                 phase2_file.write_text(json.dumps(done, indent=0))
-                print(f"  phase 2 TP={label} [{i + 1}/{len(pending)}] {m['name']}: {done[k]}", flush=True)
+                why = " ".join(why.split())[:160]
+                print(f"  phase 2 TP={label} [{len(done)}] {name}: {status} {why}".rstrip(), flush=True)
+
+            if test in FORKABLE:
+                run_forked_batch(test, todo, args.tp_timeout, record)
+            else:
+                for name in todo:
+                    record(name, run_tp_test(name, test, args.tp_timeout))
+        for m in mine:
+            k = f"{m['name']}@tp{label}"
             if done.get(k) == "killed":
                 m["status"], m["killed_by"] = "killed", ("fresh process" if label == "1-import" else f"torchrun TP={label}")
         pending = [m for m in pending if m["status"] not in KILLED]

@@ -62,7 +62,12 @@ def test_tp1_against_fp64_reference(dtype):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_against_fp64_reference(torchrun, tp):
-    results = torchrun("loss_tp.py", tp)
+    check_tensor_parallel_results(torchrun("loss_tp.py", tp), tp)
+
+
+def check_tensor_parallel_results(results: dict[int, list[dict]], tp: int) -> None:
+    """The assertions on ``tests/scripts/loss_tp.py``'s records (``{rank: [record]}``) at TP = ``tp``; also the
+    judge of the mutation run's phase 2 (bench/mutation_tp.py)."""
     for rank, recs in results.items():
         _assert_checks(recs)
         layout = {r["check"] for r in recs if r["check"].startswith(("padded_shards_", "explicit_group_", "tp2_subgroup_"))}

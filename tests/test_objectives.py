@@ -68,9 +68,14 @@ def test_tp1_variants_against_fp64_reference(dtype):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_variants_tensor_and_data_parallel(torchrun, tp):
+    check_variants_results(torchrun("objectives_tp.py", tp))
+
+
+def check_variants_results(results: dict[int, list[dict]]) -> None:
+    """The assertions on ``tests/scripts/objectives_tp.py``'s records (``{rank: [record]}``); also the judge of
+    the mutation run's phase 2 (bench/mutation_tp.py)."""
     import objectives_tp
 
-    results = torchrun("objectives_tp.py", tp)
     n_variant = len(objectives_tp.VARIANTS) * (1 + len(objectives_tp.METRICS)) + 2
     for rank, recs in results.items():
         assert len(recs) == 2 * n_variant + 2, (rank, len(recs))  # fp32 + bf16 variants, 2 DP checks
@@ -80,10 +85,16 @@ def test_variants_tensor_and_data_parallel(torchrun, tp):
 
 @pytest.mark.parametrize("world", [3])
 def test_quantile_gathers_every_rank(torchrun, world):
+    check_quantile_results(torchrun("quantile_tp.py", world), world)
+
+
+def check_quantile_results(results: dict[int, list[dict]], world: int) -> None:
+    """The assertions on ``tests/scripts/quantile_tp.py``'s records (``{rank: [record]}``) of ``world`` ranks; also
+    the judge of the mutation run's phase 2 (bench/mutation_tp.py)."""
     import quantile_tp
 
+    assert sorted(results) == list(range(world)), sorted(results)
     allv = torch.cat([quantile_tp.values_of(r) for r in range(world)]).double()
-    results = torchrun("quantile_tp.py", world)
     for rank, recs in results.items():
         got = {r["check"]: r for r in recs}
         mine = quantile_tp.values_of(rank).double().tolist()
@@ -95,6 +106,12 @@ def test_quantile_gathers_every_rank(torchrun, world):
         assert got["quantile"]["q"] == pytest.approx(want, abs=1e-12)
         assert got["quantile"]["single"] == pytest.approx(float(np.quantile(mine, 0.3)), abs=1e-12)
         assert got["quantile"]["default"] == pytest.approx(want[1], abs=1e-12)
+        sub = torch.cat([quantile_tp.values_of(r) for r in range(1, world)]).double()  # the group of ranks 1..world-1
+        if rank == 0:
+            assert "gather_sub" not in got
+        else:
+            assert got["gather_sub"]["values"] == sub.tolist()
+            assert got["gather_sub"]["q"] == pytest.approx(float(np.quantile(sub.numpy(), 0.3)), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 Rank r holds r + 1 values (rank 0 also an empty call): all_gather_values must return every rank's values in
 rank order (float64, on the CPU), global_quantile the quantile of all of them on every rank; over a group of
-this rank alone both see only the local values. Reports the gathered values and quantiles per rank.
+this rank alone both see only the local values, over ranks 1..N-1 only theirs. Reports the gathered values and
+quantiles per rank.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def main():
     report(check="gather_empty", values=all_gather_values(empty, dist.group.WORLD).tolist())
     report(check="quantile", q=[global_quantile(mine, q, dist.group.WORLD) for q in (0.0, 0.3, 1.0)],
            single=global_quantile(mine, 0.3, single), default=global_quantile(mine, 0.3))
+    # a data-parallel group that is neither the world nor one rank (ranks 1..world-1): the gather must stay in it
+    sub = dist.new_group(list(range(1, world)))
+    if rank >= 1:
+        report(check="gather_sub", values=all_gather_values(mine, sub).tolist(), q=global_quantile(mine, 0.3, sub))
     dist.barrier()
 
 
