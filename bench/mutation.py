@@ -161,23 +161,29 @@ def run_tp_test(mutant: str, test: str, timeout: float) -> str:
 
 def run_forked_batch(test: str, names: list[str], timeout: float, record) -> None:
     """Phase 2 for ``names`` against a torchrun ``test`` from one warm interpreter (bench/mutation_tp.py, in a
-    subprocess that imports the mutated copy); restarted after the mutant it was on if it dies."""
+    subprocess that imports the mutated copy). The driver itself runs no mutated code but the judge, so if it
+    dies, the mutant it was on is decided by the torchrun test itself (:func:`run_tp_test`) and the driver is
+    started again for the rest; a driver that dies before judging anything is an error of the environment."""
     left = list(names)
     while left:
         proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "mutation_tp.py"), test, str(timeout), *left],
-                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        judged, tail = 0, []
         for line in proc.stdout:
             if line.startswith("{"):
                 r = json.loads(line)
                 record(r["mutant"], r["status"], r["why"])
                 left.remove(r["mutant"])
-        err = proc.stderr.read()
-        if proc.wait() != 0 and not left:
-            break
-        if proc.returncode != 0:
-            if "fails without a mutant" in err:
-                raise SystemExit(err[-4000:])
-            record(left.pop(0), "killed", "the forking driver died on it")  # e.g. a mutant that kills the parent
+                judged += 1
+            else:
+                tail = (tail + [line])[-200:]
+        if proc.wait() == 0 or not left:
+            continue
+        if not judged:
+            raise SystemExit(f"phase 2 driver for {test} failed before judging a mutant (rc={proc.returncode}):\n"
+                             + "".join(tail)[-4000:])
+        name = left.pop(0)
+        record(name, run_tp_test(name, test, timeout), "(decided by torchrun: the forking driver died on it)")
 
 
 def report(muts: list[dict], seconds: dict) -> int:

@@ -15,6 +15,7 @@ reports nothing, or the assertions fail; it survives when every assertion holds.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -41,6 +42,9 @@ FORKABLE = {
 }
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +55,8 @@ def _rank(main: Callable[[], None], rank: int, world: int, port: int, mutant: st
     """In a forked child: become rank ``rank`` of a fresh gloo world and run the worker script; never returns."""
     code = 1
     try:
+        if sys.platform == "linux":  # die with the driver: a killed driver leaves no rank waiting in a collective
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         log = os.open(os.path.join(result_dir, f"log{rank}.txt"), os.O_WRONLY | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)

@@ -59,7 +59,7 @@ __all__ = [
 FORMAT_VERSION = 1
 META_FILE = "eaopd_checkpoint.json"
 #: written into every Hugging Face export (tools/convert_hf.py export): only a folder that carries it is
-#: ever replaced by a later export (megatron_eaopd.models.convert._check_export_target)
+#: ever replaced by a later export (megatron_eaopd.models.targets.check_export_target)
 EXPORT_MARKER = ".eaopd_export.json"
 ASSETS_DIR = "hf_assets"
 LATEST = "latest"

@@ -14,7 +14,8 @@
 # Qwen/Qwen3-8B and Qwen/Qwen3-4B-Base from the cache; written to checkpoints/mcore/<name>.
 # An OUT_DIR that already holds a complete checkpoint ('latest' naming an iter_* folder with
 # eaopd_checkpoint.json) is skipped; anything else there (e.g. a crashed conversion's .iter_*.tmp) is
-# converted again; a folder holding other data (or a file) is refused before any pair is converted.
+# converted again. Every pair is checked by the converter (--check-only) before any is converted: an OUT_DIR
+# holding other data, a file, or one OUT_DIR given twice stops the job before it converts anything.
 # Env: DTYPE (bf16), VERIFY=1 (compare logits after converting), FORCE=1 (convert again even over a
 # complete checkpoint), CONTAINER / CONTAINER_MOUNTS / PYTHON as for slurm/launch.sh (the HF cache
 # must be mounted in the container too).
@@ -86,20 +87,23 @@ for pair in "${PAIRS[@]}"; do   # check everything before converting anything
   else
     eaopd_die "$hf does not exist (in $ROOT): give a Hugging Face folder or a cached hub id (ORG/NAME)"
   fi
-  # an OUT_DIR holding other data is refused now, before any pair is converted (the converter would refuse it
-  # only at its turn); what a checkpoint root of this project may hold is the converter's rule
-  if [ -e "$out" ] && [ ! -d "$out" ]; then eaopd_die "OUT_DIR $out is a file: give a folder path (in argument '$pair')"; fi
-  if [ -d "$out" ] && ! complete_checkpoint "$out"; then
-    foreign=()
-    for entry in "$out"/* "$out"/.[!.]* "$out"/..?*; do
-      [ -e "$entry" ] || [ -L "$entry" ] || continue
-      entry=${entry##*/}
-      [[ $entry =~ ^(latest|\.latest\.tmp|iter_[0-9]{7}|\.iter_[0-9]{7}\.(tmp|old))$ ]] || foreign+=("$entry")
-    done
-    [ ${#foreign[@]} -eq 0 ] || eaopd_die "OUT_DIR $out holds data that is not a checkpoint of this project (${foreign[*]:0:5}); nothing was converted. Choose a new or empty folder (in argument '$pair'), or remove $out yourself if nothing in it is needed"
-  fi
 done
 echo "convert job $SLURM_JOB_ID on ${SLURMD_NODENAME:-?}: ${PAIRS[*]} (dtype ${DTYPE:-bf16}, python $PYTHON, container ${CONTAINER:-none})"
+
+# the converter's own checks (source, dtype, OUT_DIR) for every pair that will be converted, before converting
+# any: an OUT_DIR holding other data, a training run's checkpoints or a path under a file stops the job now,
+# not after the earlier pairs have run; the same OUT_DIR twice would convert one model and skip the other
+declare -A SEEN_OUT=()
+for pair in "${PAIRS[@]}"; do
+  hf=${pair%%:*}
+  out=${pair#*:}
+  key=$(realpath -m -- "$out")
+  [ -z "${SEEN_OUT[$key]:-}" ] || eaopd_die "OUT_DIR $out is given twice ('${SEEN_OUT[$key]}' and '$pair'): give each model its own folder"
+  SEEN_OUT[$key]=$pair
+  if complete_checkpoint "$out" && [ "${FORCE:-0}" != 1 ]; then continue; fi  # skipped below
+  srun --nodes=1 --ntasks=1 "${EAOPD_CONTAINER_ARGS[@]}" "$PYTHON" tools/convert_hf.py import --hf "$hf" --out "$out" \
+    --dtype "${DTYPE:-bf16}" --check-only || eaopd_die "pair '$pair' cannot be converted (the converter's error is above); nothing was converted"
+done
 
 i=0
 for pair in "${PAIRS[@]}"; do

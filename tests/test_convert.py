@@ -257,7 +257,7 @@ def test_smollm2_convert_verify_and_greedy(smollm2, torchrun):
 def test_converter_refuses_destructive_targets(tmp_path):
     """Review finding: export --out must never delete unrelated data or the checkpoint; import must not
     move a training run's 'latest' back to iteration 0."""
-    from megatron_eaopd.models.convert import _check_export_target, _check_import_target
+    from megatron_eaopd.models.targets import check_export_target, check_import_target
 
     ckpt = tmp_path / "ckpt"
     (ckpt / "iter_0000004").mkdir(parents=True)
@@ -267,25 +267,25 @@ def test_converter_refuses_destructive_targets(tmp_path):
     home.mkdir()
     (home / "important.txt").write_text("precious")
     with pytest.raises(ValueError, match="is \\(or contains\\) the checkpoint being exported"):
-        _check_export_target(ckpt, ckpt)
+        check_export_target(ckpt, ckpt)
     with pytest.raises(ValueError, match="is \\(or contains\\) the checkpoint being exported"):
-        _check_export_target(ckpt / "iter_0000004", ckpt)
+        check_export_target(ckpt / "iter_0000004", ckpt)
     with pytest.raises(ValueError, match="non-empty folder that this exporter did not write"):
-        _check_export_target(ckpt, home)
+        check_export_target(ckpt, home)
     with pytest.raises(ValueError, match="holds a Megatron checkpoint"):
-        _check_export_target(tmp_path / "elsewhere", ckpt)
+        check_export_target(tmp_path / "elsewhere", ckpt)
     prev = tmp_path / "prev_export"
     prev.mkdir()
     (prev / "config.json").write_text("{}")
     (prev / "model.safetensors").write_text("")
     with pytest.raises(ValueError, match="did not write \\(no .eaopd_export.json"):  # a downloaded model looks the same
-        _check_export_target(ckpt, prev)
+        check_export_target(ckpt, prev)
     (prev / ".eaopd_export.json").write_text("{}")
-    _check_export_target(ckpt, prev)  # re-export over a previous export (it carries the marker) is fine
-    _check_export_target(ckpt, tmp_path / "new")  # as is a new folder
+    check_export_target(ckpt, prev)  # re-export over a previous export (it carries the marker) is fine
+    check_export_target(ckpt, tmp_path / "new")  # as is a new folder
     with pytest.raises(ValueError, match="holds training checkpoints \\(iter_0000004\\)"):
-        _check_import_target(ckpt)
-    _check_import_target(tmp_path / "fresh")
+        check_import_target(ckpt)
+    check_import_target(tmp_path / "fresh")
     assert (home / "important.txt").read_text() == "precious"
 
 
@@ -442,7 +442,7 @@ def test_cli_bad_arguments_exit_2_before_loading(tiny_ckpt, tmp_path):
 
 def test_import_refuses_source_and_foreign_folders(tiny_ckpt, tmp_path):
     """Review finding 4: import into the HF source folder (or any folder holding other data) mixed the files."""
-    from megatron_eaopd.models.convert import _check_import_target
+    from megatron_eaopd.models.targets import check_import_target
 
     hf, _ = tiny_ckpt
     src = tmp_path / "src"
@@ -456,13 +456,13 @@ def test_import_refuses_source_and_foreign_folders(tiny_ckpt, tmp_path):
     _bad_input(_cli("import", "--hf", src, "--out", other, "--no-progress"), "not a checkpoint written by this project")
     assert sorted(x.name for x in other.iterdir()) == ["README.md", "notes"]
     with pytest.raises(ValueError, match="inside the Hugging Face source folder"):
-        _check_import_target(src / "mcore", src)
+        check_import_target(src / "mcore", src)
     with pytest.raises(ValueError, match="contains the Hugging Face source folder"):
-        _check_import_target(tmp_path, src)
+        check_import_target(tmp_path, src)
     crashed = tmp_path / "crashed"  # a crashed import's leftovers: converted again (the save clears them)
     (crashed / ".iter_0000000.tmp").mkdir(parents=True)
-    _check_import_target(crashed, src)
-    _check_import_target(tmp_path / "new", src)
+    check_import_target(crashed, src)
+    check_import_target(tmp_path / "new", src)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -508,7 +508,7 @@ def test_cli_failure_after_the_checks_is_exit_1_not_bad_input(tiny_ckpt, tmp_pat
 def test_export_refuses_a_symlinked_out_before_loading(tmp_path):
     """The export is renamed into place at the end, which would fail on (or replace) a symbolic link: it is
     refused by the checks before anything is loaded, naming the folder to give instead."""
-    from megatron_eaopd.models.convert import _check_export_target
+    from megatron_eaopd.models.targets import check_export_target
 
     real = tmp_path / "exports" / "v3"
     real.mkdir(parents=True)
@@ -517,6 +517,25 @@ def test_export_refuses_a_symlinked_out_before_loading(tmp_path):
     link = tmp_path / "latest"
     link.symlink_to(real, target_is_directory=True)
     with pytest.raises(ValueError, match=rf"--out {link} is a symbolic link \(to {real}\); give the folder itself"):
-        _check_export_target(tmp_path / "ckpt", link)
-    _check_export_target(tmp_path / "ckpt", real)  # the folder itself: an earlier export, replaced as a whole
+        check_export_target(tmp_path / "ckpt", link)
+    check_export_target(tmp_path / "ckpt", real)  # the folder itself: an earlier export, replaced as a whole
     assert sorted(p.name for p in real.iterdir()) == [".eaopd_export.json", "config.json"]
+
+
+def test_cli_os_errors_in_the_checks_are_one_line(tiny_ckpt, tmp_path, capsys):
+    """An OSError while checking (a name too long for the file system, a cache path under a file) is one error
+    line, not a traceback: exit 2 for the import/export checks, 1 for prepare-smollm2."""
+    from megatron_eaopd.cli.convert import main
+
+    hf, ckpt = tiny_ckpt
+    long_out = tmp_path / ("a" * 300)
+    for argv in (["import", "--hf", str(hf), "--out", str(long_out)], ["export", "--ckpt", str(ckpt), "--out", str(long_out)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("[convert_hf] error: ") and "File name too long" in err and err.count("\n") == 1, err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["prepare-smollm2", "--cache", str(afile / "sub")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("[convert_hf] error: ") and err.count("\n") == 1, err
+    assert not os.path.exists(long_out) and afile.read_text() == "x"  # os.path.exists: False on ENAMETOOLONG

@@ -7,6 +7,7 @@ contract it pins.
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -229,12 +230,26 @@ def test_rows_masked_with_a_finite_fill_have_no_finite_entry(fill):
     is a row without a real entry, like an all -inf row: named, never turned into a uniform distribution."""
     x = torch.randn(2, 4, 8)
     x[0, 3, :] = fill
-    with pytest.raises(ValueError, match=_bad_row_msg("logits", (0, 3), 3)):
-        vocab_parallel_entropy(x)
-    with pytest.raises(ValueError, match=_bad_row_msg("teacher_logits", (0, 3), 3)):
-        teacher_signals(x, torch.zeros(2, 4, dtype=torch.long), EOPDConfig(top_k=2))
+    for t in (1.0, 0.5, 3.0):  # the test is on the logits, not on x / T (-1e30 / 3 is not a real logit either)
+        with pytest.raises(ValueError, match=_bad_row_msg("logits", (0, 3), 3)):
+            vocab_parallel_entropy(x, temperature=t)
+        with pytest.raises(ValueError, match=_bad_row_msg("p_logits", (0, 3), 3)):
+            vocab_parallel_kl(x, torch.randn(2, 4, 8), temperature=t)
+        with pytest.raises(ValueError, match=_bad_row_msg("teacher_logits", (0, 3), 3)):
+            teacher_signals(x, torch.zeros(2, 4, dtype=torch.long), EOPDConfig(top_k=2, temperature=t))
     x[0, 3, 5] = -30.0  # one real entry: a valid (one-hot) distribution
     assert float(vocab_parallel_entropy(x)[0, 3]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_the_masked_row_threshold_is_half_the_fill():
+    """A row counts as masked when its largest logit is at most -5e29 (half the -1e30 stand-in for -inf):
+    exactly at the threshold it is refused, just above it it is an ordinary (uniform) row."""
+    x = torch.randn(1, 2, 8)
+    x[0, 1, :] = -5e29
+    with pytest.raises(ValueError, match=_bad_row_msg("logits", (0, 1), 1)):
+        vocab_parallel_entropy(x)
+    x[0, 1, :] = -4e29
+    assert float(vocab_parallel_entropy(x)[0, 1]) == pytest.approx(math.log(8), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,5 +28,6 @@ def test_forked_ranks_are_judged_like_the_torchrun_test():
     assert out["fails"][0] == "killed" and out["fails"][1] in ("rank exit codes [1, 1]", "timeout after 60 s"), out
     # rank 1 hangs while rank 0 waits in an all-reduce: ended by the 5 s timeout, both ranks killed and reaped
     assert out["hang"] == ["killed", "timeout after 5 s"] and out["hang_seconds"][0] < 30, out
+    assert out["children_left"] == [False], out
     # a rank that writes no record fails like the torchrun fixture's "rank 1 reported no RESULT lines"
     assert out["silent"] == ["killed", "rank 1 reported nothing"], out

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -205,10 +206,14 @@ def _fake_checkpoint(root: Path) -> None:
     (root / "latest").write_text("iter_0000000\n")
 
 
-def _fake_hub_snapshot(cache: Path, repo: str) -> None:
+def _fake_hub_snapshot(cache: Path, repo: str, model: Path | None = None) -> None:
+    """A hub cache entry for ``repo``: a copy of the HF folder ``model``, else only an empty config.json."""
     root = cache / ("models--" + repo.replace("/", "--"))
     (root / "refs").mkdir(parents=True)
     (root / "refs" / "main").write_text("c" * 40)
+    if model is not None:
+        shutil.copytree(model, root / "snapshots" / ("c" * 40))
+        return
     (root / "snapshots" / ("c" * 40)).mkdir(parents=True)
     (root / "snapshots" / ("c" * 40) / "config.json").write_text("{}")
 
@@ -270,28 +275,38 @@ def test_recipe_check_passes_with_everything_in_place(tmp_path):
 def convert_job(root: Path, tmp: Path, *pairs: str, **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     """slurm/convert.sh in a faked job whose repository root is ``root`` (its slurm/ links to this one's), with
     ``srun`` stubbed: returns the process and the srun command lines (nothing is converted)."""
-    (root / "slurm").exists() or (root / "slurm").symlink_to(ROOT / "slurm")
+    for d in ("slurm", "tools"):
+        (root / d).exists() or (root / d).symlink_to(ROOT / d)
     stub = tmp / "bin" / "srun"
     stub.parent.mkdir(exist_ok=True)
-    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$*" >> "$SRUN_LOG"\n')
+    # the converter's --check-only steps run for real (srun's options dropped); conversions are only recorded
+    stub.write_text('#!/bin/bash\nif [[ " $* " == *" --check-only "* ]]; then\n  while [[ ${1:-} == --* ]]; do shift; done\n'
+                    '  exec "$@"\nfi\nprintf "%s\\n" "$*" >> "$SRUN_LOG"\n')
     stub.chmod(0o755)
     log = tmp / "srun.log"
     log.write_text("")
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "HF_", "HUGGINGFACE_"))}
     base.update({"SLURM_JOB_ID": "99", "SLURM_SUBMIT_DIR": str(root), "PATH": f"{stub.parent}:{os.environ['PATH']}",
-                 "SRUN_LOG": str(log), "PYTHON": "python3", "HF_HUB_CACHE": str(tmp / "hf_cache"), **env})
+                 "SRUN_LOG": str(log), "PYTHON": sys.executable, "HF_HUB_CACHE": str(tmp / "hf_cache"),
+                 "PYTHONWARNINGS": "ignore", **env})
     p = subprocess.run(["bash", str(ROOT / "slurm" / "convert.sh"), *pairs], capture_output=True, text=True, env=base,
-                       cwd="/", timeout=60)
+                       cwd="/", timeout=300)
     return p, log.read_text().splitlines()
 
 
-def test_convert_job_skips_only_complete_checkpoints(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 HF folder: what the converter's --check-only accepts as a source."""
+    from models_tiny import make_tiny
+
+    return make_tiny("qwen3_tied", tmp_path_factory.mktemp("tiny_hf") / "hf")
+
+
+def test_convert_job_skips_only_complete_checkpoints(tmp_path, tiny_hf):
     """Review finding 5: a crashed import (only '.iter_0000000.tmp') was 'skipped' and the job exited 0."""
     root = tmp_path / "repo"
     root.mkdir()
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    hf = tiny_hf
     crashed, done, dangling = tmp_path / "crashed", tmp_path / "done", tmp_path / "dangling"
     (crashed / ".iter_0000000.tmp").mkdir(parents=True)
     _fake_checkpoint(done)
@@ -307,38 +322,53 @@ def test_convert_job_skips_only_complete_checkpoints(tmp_path):
     assert p.returncode == 0 and len(calls) == 1, (p.stderr, calls)
 
 
-def test_convert_job_refuses_foreign_out_dirs_before_converting_anything(tmp_path):
-    """An OUT_DIR holding other data was refused by the converter only at its pair's turn, after the pairs before
-    it had been converted (hours for large models): the job now refuses it before the first conversion."""
+def test_convert_job_checks_every_pair_before_converting_any(tmp_path, tiny_hf):
+    """An OUT_DIR the converter refuses was found only at its pair's turn, after the pairs before it had been
+    converted (hours for large models), and the same OUT_DIR twice converted one model and skipped the other:
+    the job runs the converter's own checks (--check-only) for every pair first."""
     root = tmp_path / "repo"
     root.mkdir()
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    hf = tiny_hf
+    first = tmp_path / "first"
     other = tmp_path / "other"
     (other / "notes").mkdir(parents=True)
-    (other / "README.md").write_text("x")
+    (other / "my notes.txt").write_text("x")
     afile = tmp_path / "afile"
     afile.write_text("x")
-    p, calls = convert_job(root, tmp_path, f"{hf}:{tmp_path / 'first'}", f"{hf}:{other}")
-    assert p.returncode == 1 and not calls, (p.stdout, calls)
-    named = p.stderr.split(f"OUT_DIR {other} holds data that is not a checkpoint of this project (")[1].split(")")[0]
-    assert sorted(named.split()) == ["README.md", "notes"], p.stderr
-    assert f"in argument '{hf}:{other}'" in p.stderr
-    p, calls = convert_job(root, tmp_path, f"{hf}:{tmp_path / 'first'}", f"{hf}:{afile}")
-    assert p.returncode == 1 and not calls and f"OUT_DIR {afile} is a file" in p.stderr, p.stderr
+    training = tmp_path / "training"
+    (training / "iter_0000100").mkdir(parents=True)  # a run's checkpoint without 'latest'
+    latest_dir = tmp_path / "latest_dir"
+    (latest_dir / "latest").mkdir(parents=True)
+    for bad, needle in ((other, "not a checkpoint written by this project (it holds my notes.txt, notes)"),
+                        (afile, "is a file"), (afile / "sub", f"is under {afile}, which is a file"),
+                        (training, "already holds checkpoints"), (hf / "mcore", "inside the Hugging Face source folder"),
+                        (latest_dir, "holds 'latest' that is not a file")):
+        pairs = [f"{hf}:{first}"] if bad == other else []  # a good pair first: still nothing is converted
+        p, calls = convert_job(root, tmp_path, *pairs, f"{hf}:{bad}")
+        assert p.returncode == 1 and not calls, (bad, p.stdout, p.stderr[-2000:], calls)
+        assert needle in p.stderr and f"pair '{hf}:{bad}' cannot be converted" in p.stderr, (bad, p.stderr[-2000:])
+        assert not first.exists()
+    done = tmp_path / "done"  # FORCE=1 converts a complete checkpoint again: checked like any other target
+    _fake_checkpoint(done)
+    (done / "README.md").write_text("x")
+    p, calls = convert_job(root, tmp_path, f"{hf}:{done}")
+    assert p.returncode == 0 and not calls and "skipped" in p.stdout, (p.stderr[-2000:], calls)
+    p, calls = convert_job(root, tmp_path, f"{hf}:{done}", FORCE="1")
+    assert p.returncode == 1 and not calls and "README.md" in p.stderr, (p.stderr[-2000:], calls)
+    p, calls = convert_job(root, tmp_path, f"{hf}:{first}", f"{hf}:{tmp_path}/./first")
+    assert p.returncode == 1 and not calls and f"OUT_DIR {tmp_path}/./first is given twice" in p.stderr, p.stderr
     crashed = tmp_path / "crashed"  # a crashed import's leftovers are the converter's to clear: allowed
     (crashed / ".iter_0000000.tmp").mkdir(parents=True)
-    p, calls = convert_job(root, tmp_path, f"{hf}:{tmp_path / 'first'}", f"{hf}:{crashed}")
-    assert p.returncode == 0 and len(calls) == 2, (p.stderr, calls)
+    p, calls = convert_job(root, tmp_path, f"{hf}:{first}", f"{hf}:{crashed}")
+    assert p.returncode == 0 and len(calls) == 2, (p.stderr[-2000:], calls)
 
 
-def test_convert_job_takes_hub_ids_from_the_cache(tmp_path):
+def test_convert_job_takes_hub_ids_from_the_cache(tmp_path, tiny_hf):
     """Review finding 6: the README's hub ids (hf download Qwen/Qwen3-8B, no --local-dir) were refused: resolved
     from the local cache like tools/convert_hf.py (which is given the id)."""
     root = tmp_path / "repo"
     root.mkdir()
-    _fake_hub_snapshot(tmp_path / "hf_cache", "Qwen/Qwen3-8B")
+    _fake_hub_snapshot(tmp_path / "hf_cache", "Qwen/Qwen3-8B", tiny_hf)
     p, calls = convert_job(root, tmp_path, f"Qwen/Qwen3-8B:{tmp_path / 'm8'}")
     assert p.returncode == 0 and len(calls) == 1 and "--hf Qwen/Qwen3-8B --out" in calls[0], (p.stderr, calls)
     p, calls = convert_job(root, tmp_path, f"Qwen/Nope-1B:{tmp_path / 'm1'}")
@@ -348,8 +378,7 @@ def test_convert_job_takes_hub_ids_from_the_cache(tmp_path):
     p, calls = convert_job(root, tmp_path)
     assert p.returncode == 1 and not calls and "hf download Qwen/Qwen3-8B" not in p.stderr
     assert "hf download Qwen/Qwen3-4B-Base" in p.stderr, p.stderr
-    (root / "checkpoints" / "hf" / "Qwen3-4B-Base").mkdir(parents=True)
-    (root / "checkpoints" / "hf" / "Qwen3-4B-Base" / "config.json").write_text("{}")
+    shutil.copytree(tiny_hf, root / "checkpoints" / "hf" / "Qwen3-4B-Base")
     p, calls = convert_job(root, tmp_path)
     assert p.returncode == 0, p.stderr
     assert [c.split("--hf ")[1].split()[:3] for c in calls] == [

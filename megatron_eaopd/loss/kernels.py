@@ -53,7 +53,7 @@ def _stats_forward(sh: _Shard, x: torch.Tensor, ids: torch.Tensor | None, name: 
         xc = x[r0:r1]
         m = sh.all_reduce(_local_max(sh, xc), dist.ReduceOp.MAX)
         if not safe:
-            _check_max(m, bad)
+            _check_max(m, bad, sh.temperature)
         m = torch.where(torch.isfinite(m), m, zero)  # keep the pass NaN-free; the error is raised below
         z = _shifted(sh, xc, m, safe)
         if topk:
@@ -205,8 +205,8 @@ class _KLPair(torch.autograd.Function):
         def run_chunk(r0, r1, safe):
             m = sh.all_reduce(torch.stack([_local_max(sh, xp[r0:r1]), _local_max(sh, xq[r0:r1])]), dist.ReduceOp.MAX)
             if not safe:
-                _check_max(m[0], bad_p)
-                _check_max(m[1], bad_q)
+                _check_max(m[0], bad_p, sh.temperature)
+                _check_max(m[1], bad_q, sh.temperature)
             m = torch.where(torch.isfinite(m), m, zero)
             zp = _shifted(sh, xp[r0:r1], m[0], safe)
             zq = _shifted(sh, xq[r0:r1], m[1], safe)

@@ -142,9 +142,11 @@ def _shifted(sh: _Shard, x: torch.Tensor, shift: torch.Tensor, safe: bool, out: 
     return z
 
 
-def _check_max(m: torch.Tensor, bad: list) -> None:
-    """Record (lazily, no host sync) rows whose global max is NaN/+inf or that have no finite entry."""
-    bad.append((~torch.isfinite(m)) | (m <= _FILL / 2))
+def _check_max(m: torch.Tensor, bad: list, temperature: float = 1.0) -> None:
+    """Record (lazily, no host sync) rows whose global max ``m`` (of ``x / T``) is NaN/+inf or that have no real
+    entry: every logit -inf or masked with a finite stand-in, i.e. a largest logit ``x`` (before dividing by
+    ``T``) of at most ``_FILL / 2`` (-5e29; -1e30 and the fp32/bf16 minimum are such masks)."""
+    bad.append((~torch.isfinite(m)) | (m * temperature <= _FILL / 2))
 
 
 def _raise_bad(bad: list, name: str, sh: _Shard, shape) -> None:

@@ -18,9 +18,7 @@ is :mod:`megatron_eaopd.models.mapping`.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -32,61 +30,24 @@ from tqdm import tqdm
 from megatron_eaopd.checkpoint import (
     ASSETS_DIR,
     EXPORT_MARKER,
-    LATEST,
-    META_FILE,
     copy_hf_assets,
     iter_dir_name,
     load_checkpoint,
-    read_checkpoint_metadata,
     save_checkpoint,
 )
 from megatron_eaopd.distributed import collective_device, init_world, is_rank0, unwrap
 from megatron_eaopd.dtypes import dtype_name, parse_dtype
-from megatron_eaopd.models.hf import hf_to_gpt_args, inspect_hf_dir
 from megatron_eaopd.models.hf_reader import HFTensorReader
 from megatron_eaopd.models.mapping import canonical_name, megatron_names, to_hf, to_megatron, tp_shard
 from megatron_eaopd.models.provider import build_gpt_model
 from megatron_eaopd.models.staging import make_staging_dir, remove_stale_staging, replace_folder
+from megatron_eaopd.models.targets import check_export, check_export_target, check_import, parse_size
 from megatron_eaopd.models.verify import DEFAULT_PROMPT, require_passed, verify_logits
 
 __all__ = ["HFTensorReader", "load_hf_weights", "check_import", "import_hf", "check_export", "export_hf", "verify_logits", "parse_size", "DEFAULT_PROMPT"]
 
 #: seed of the model RNG for conversions (no weight is random: every parameter is loaded)
 _SEED = 1234
-
-
-def parse_size(s: str | int, key: str = "size") -> int:
-    """``"2GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units as transformers uses).
-
-    Args:
-        key: names the value in the error (e.g. ``"--max-shard-size"``).
-    Raises:
-        ValueError: unparseable, not finite (``infGB``) or not a positive number of bytes (``0``, ``-5GB``).
-    """
-    fix = "use e.g. 2GB, 500MB or a byte count"
-    if isinstance(s, bool) or not isinstance(s, (int, str)):
-        raise ValueError(f"{key} {s!r} is not a size; {fix}")
-    n: int | None = s if isinstance(s, int) else None
-    if n is None:
-        t = str(s).strip().upper()
-        for unit, mul in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-            if t.endswith(unit):
-                try:
-                    v = float(t[: -len(unit)])
-                except ValueError:
-                    break
-                if not math.isfinite(v):
-                    raise ValueError(f"{key} {s!r} is not a finite size; {fix}")
-                n = int(v * mul)
-                break
-        if n is None:
-            try:
-                n = int(t)
-            except ValueError:
-                raise ValueError(f"cannot parse {key} {s!r}; {fix}") from None
-    if n <= 0:
-        raise ValueError(f"{key} {s!r} must be a positive number of bytes; {fix}")
-    return n
 
 
 def _layer_offset(model) -> int:
@@ -145,112 +106,6 @@ def load_hf_weights(model_chunks: list, hf_dir: str | os.PathLike, *, progress: 
 
 def _model_bytes(model_chunks) -> int:
     return sum(p.numel() * p.element_size() for c in model_chunks for p in c.parameters())
-
-
-#: what a checkpoint root written by :func:`~megatron_eaopd.checkpoint.save_checkpoint` holds, a crashed save's
-#: leftovers included (``.iter_NNNNNNN.tmp``); anything else in an import target is someone else's data
-_CKPT_ENTRY = re.compile(r"^(latest|\.latest\.tmp|iter_\d{7}|\.iter_\d{7}\.(tmp|old))$")
-_SHOWN_NAMES = 5
-
-
-def _shown(names: list[str]) -> str:
-    names = sorted(names)
-    return ", ".join(names[:_SHOWN_NAMES]) + (f" ... ({len(names)} entries)" if len(names) > _SHOWN_NAMES else "")
-
-
-def _check_not_under_file(out: Path) -> None:
-    """``out`` (or the first of its parents that exists) must be a folder."""
-    for a in (out, *out.parents):
-        if a.exists() or a.is_symlink():
-            if not a.is_dir():
-                what = "is a file" if a == out else f"is under {a}, which is a file"
-                raise ValueError(f"--out {out} {what}; give a folder path (a new folder is created)")
-            return
-
-
-def _check_export_target(ckpt: Path, out: Path) -> None:
-    """Refuse an export target that would destroy data: the checkpoint itself (or a folder holding it),
-    a file, a Megatron checkpoint, or any non-empty folder without the marker a previous export of this
-    tool writes (:data:`~megatron_eaopd.checkpoint.EXPORT_MARKER`): a downloaded model is never replaced."""
-    ck, o = Path(ckpt).resolve(), Path(out).resolve()
-    if o == ck or o in ck.parents:
-        raise ValueError(f"--out {out} is (or contains) the checkpoint being exported ({ckpt}); choose a new folder")
-    if Path(out).is_symlink():  # the export is renamed into place: that would replace the link, not its folder
-        raise ValueError(f"--out {out} is a symbolic link (to {o}); give the folder itself (--out {o}) or a new path")
-    _check_not_under_file(Path(out))
-    if o.is_dir() and any(o.iterdir()):
-        names = [p.name for p in o.iterdir()]
-        if LATEST in names or any(n.startswith("iter_") for n in names):
-            raise ValueError(f"--out {out} holds a Megatron checkpoint; refusing to replace it with an HF export. "
-                             f"Choose a new folder (nothing was written)")
-        if (o / EXPORT_MARKER).is_file():
-            return  # a previous export of this tool: replaced as a whole
-        raise ValueError(f"--out {out} is a non-empty folder that this exporter did not write (no {EXPORT_MARKER}; "
-                         f"it holds {_shown(names)}), so it is not replaced and nothing was written. Export to a new "
-                         f"folder (e.g. --out {out}-export), or remove {out} yourself if nothing in it is needed")
-
-
-def _check_import_target(out: Path, hf_dir: str | os.PathLike | None = None) -> None:
-    """Refuse an import target that is a file, the HF source folder (or inside / around it), a non-empty
-    folder that is not a checkpoint root of this project, or a training run's checkpoint folder (the
-    import, iteration 0, would move its ``latest`` back). An earlier import's checkpoint (only
-    ``iter_0000000``, not a training one) is re-imported in place; a crashed import's ``.iter_*.tmp`` is
-    cleared by the save."""
-    o = Path(out)
-    _check_not_under_file(o)
-    if hf_dir is not None:
-        src, dst = Path(hf_dir).resolve(), o.resolve()
-        if dst == src or src in dst.parents:
-            where = "the" if dst == src else "inside the"
-            raise ValueError(f"--out {out} is {where} Hugging Face source folder {hf_dir}; the checkpoint would be "
-                             f"mixed into the model's files. Choose a folder outside it (e.g. checkpoints/mcore/{src.name})")
-        if dst in src.parents:
-            raise ValueError(f"--out {out} contains the Hugging Face source folder {hf_dir}; choose a new folder "
-                             f"(e.g. checkpoints/mcore/{src.name})")
-    if o.is_dir():
-        foreign = [p.name for p in o.iterdir() if not _CKPT_ENTRY.match(p.name)]
-        if foreign:
-            raise ValueError(f"--out {out} is a non-empty folder that is not a checkpoint written by this project (it "
-                             f"holds {_shown(foreign)}); nothing was written. Choose a new or empty folder, or remove "
-                             f"{out} yourself if nothing in it is needed")
-    if not (o / LATEST).is_file():
-        if o.is_dir() and any(p.name.startswith("iter_") for p in o.iterdir()):
-            raise ValueError(f"--out {out} already holds checkpoints; choose a new folder")
-        return
-    for d in o.glob("iter_*"):
-        meta = d / META_FILE
-        kind = json.loads(meta.read_text()).get("kind") if meta.is_file() else None
-        if d.name != "iter_0000000" or kind == "training":
-            raise ValueError(f"--out {out} holds training checkpoints ({d.name}); importing would move its 'latest' "
-                             f"to iteration 0. Choose a new folder")
-
-
-def check_import(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                 tp: int = 1, pp: int = 1) -> tuple:
-    """Every check :func:`import_hf` makes before it loads or writes anything (the CLI runs it first and
-    answers a failure with exit code 2: bad input, nothing written).
-
-    Returns:
-        ``(files, gpt_args, dtype)``: the HF folder's weight files, its model arguments, the storage dtype.
-    Raises:
-        ValueError: a bad ``tp``/``pp``/``dtype``, a world size they do not divide, an ``out`` that is a file,
-        the source folder or holds other data; FileNotFoundError / NotImplementedError / KeyError: not an HF
-        model folder of a supported architecture (each error names the problem and the fix).
-    """
-    for name, v in (("--tp", tp), ("--pp", pp)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} {v!r} must be an integer >= 1 (1 is fine: the checkpoint reshards to any TP/PP on load)")
-    files = inspect_hf_dir(hf_dir)  # fast, clear errors before any heavy work
-    _check_import_target(Path(out), hf_dir)
-    args = hf_to_gpt_args(hf_dir)
-    dt = parse_dtype(dtype, args.source_dtype or torch.bfloat16)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world % (tp * pp):
-        raise ValueError(
-            f"--tp {tp} --pp {pp} needs a multiple of {tp * pp} processes but this run has {world}; launch with "
-            f"torchrun --nproc-per-node {tp * pp}, or convert at tp=pp=1 (the checkpoint reshards to any TP/PP on load)"
-        )
-    return files, args, dt
 
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
@@ -371,27 +226,6 @@ def _write_shards(tensors_iter, out: Path, max_shard: int, dtype: torch.dtype, p
     return total_params, total_bytes
 
 
-def check_export(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
-                 iteration: int | None = None, max_shard_size: str | int = "2GB") -> tuple:
-    """Every check :func:`export_hf` makes before it loads or writes anything (the CLI runs it first and
-    answers a failure with exit code 2: bad input, nothing written).
-
-    Returns:
-        ``(max_shard_bytes, checkpoint_metadata, stored_dtype, out_dtype)``.
-    Raises:
-        FileNotFoundError: not a checkpoint, or one without its HF config; ValueError: a bad
-        ``max_shard_size`` / ``dtype`` or an ``out`` that is not new, empty or an earlier export.
-    """
-    max_shard = parse_size(max_shard_size, "--max-shard-size")
-    meta = read_checkpoint_metadata(ckpt, iteration)
-    assets = Path(meta["path"]) / ASSETS_DIR
-    if not (assets / "config.json").is_file():
-        raise FileNotFoundError(f"{assets}/config.json is missing; this checkpoint cannot be exported without its HF config")
-    _check_export_target(Path(ckpt), Path(out))
-    stored = parse_dtype(meta.get("dtype"), torch.bfloat16)
-    return max_shard, meta, stored, parse_dtype(dtype, stored)
-
-
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | torch.dtype | None = None,
               iteration: int | None = None, max_shard_size: str | int = "2GB", verify: bool = False,
               atol: float = 1e-3, progress: bool = True) -> dict:
@@ -425,7 +259,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
     m = unwrap(chunks[0])
     spec = info.mapping_spec
     params = dict(m.named_parameters())
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." or "x/..": the staging folder goes beside the folder, not inside it
     new_dirs = [a for a in out.parents if not a.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     for d in remove_stale_staging(out):  # what killed exports left behind is removed; others are only named
@@ -463,7 +297,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: str | t
                 for p in c.parameters():
                     p.data = p.data.to(out_dtype).float()
             summary["verify"] = require_passed(verify_logits(vchunks, tmp, weight_dtype=out_dtype, atol=atol), atol)
-        _check_export_target(Path(ckpt), out)  # again: nothing foreign appeared there while this ran
+        check_export_target(Path(ckpt), out)  # again: nothing foreign appeared there while this ran
         replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -72,5 +72,10 @@ if __name__ == "__main__":
     t1 = time.monotonic()
     out["hang"] = _run_one(rank1_hangs, judge, ("",), 2, "m.x_f__mutmut_3", 5)
     out["hang_seconds"] = [round(time.monotonic() - t1, 1)]
+    try:  # every forked rank was reaped: none left running ((0, 0)) or as a zombie ((pid, status))
+        os.waitpid(-1, os.WNOHANG)
+        out["children_left"] = [True]
+    except ChildProcessError:  # no child process at all
+        out["children_left"] = [False]
     out["silent"] = _run_one(silent, judge, ("",), 2, "m.x_f__mutmut_4", 60)
     print("RESULT " + json.dumps(out), flush=True)
