@@ -265,6 +265,9 @@ def main(argv=None) -> int:
     if args.resume:
         seconds = json.loads(timing.read_text()) if timing.exists() else {}
         print(f"resume: {reset_survivors()} survivors of the last run are tested again with the current tests", flush=True)
+        # mutmut maps tests to the functions they run once per test name: a test changed since then may run other
+        # functions now, so the map is rebuilt (one traced run of the phase-1 tests)
+        (ROOT / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
         secs = round(run_mutmut(args.max_children, fresh=False), 1)
         seconds["phase1_mutmut"] = round(seconds.get("phase1_mutmut", 0.0) + secs, 1)
         timing.write_text(json.dumps(seconds))

@@ -142,7 +142,7 @@ def _shifted(sh: _Shard, x: torch.Tensor, shift: torch.Tensor, safe: bool, out: 
     return z
 
 
-def _check_max(m: torch.Tensor, bad: list, temperature: float = 1.0) -> None:
+def _check_max(m: torch.Tensor, bad: list, temperature: float) -> None:
     """Record (lazily, no host sync) rows whose global max ``m`` (of ``x / T``) is NaN/+inf or that have no real
     entry: every logit -inf or masked with a finite stand-in, i.e. a largest logit ``x`` (before dividing by
     ``T``) of at most ``_FILL / 2`` (-5e29; -1e30 and the fp32/bf16 minimum are such masks)."""
