@@ -7,11 +7,12 @@
 ``--hf`` is a local Hugging Face folder or a hub id already in the local Hugging Face cache (never
 downloaded: ``hf download ORG/NAME`` first). Runs as one process (the checkpoint reshards to any
 TP/PP on load). ``import`` may also run under ``torchrun --nproc-per-node N`` with ``--tp/--pp``.
-``--check-only`` runs only those checks. Exit codes: 0 success; 2 bad input, found before anything is loaded (a path, an option value, an ``--out``
-that holds other data: one line says what and how to fix it, and nothing is written); 1 a failure after
-that (a failed ``--verify``, a full disk, a file that changed while converting). ``export``
-replaces ``--out`` only when it is an earlier export of this tool (it carries ``.eaopd_export.json``);
-``import`` writes only into a new or empty folder or an earlier import's checkpoint. All logic is in
+Exit codes: 0 success; 2 bad input, found by the checks made before anything is loaded (a path, an option
+value, an ``--out`` that holds other data: one line says what and how to fix it, and nothing is written;
+``--check-only`` runs only these checks); 1 a failure after that (a failed ``--verify``, a full disk, a
+file that changed while converting). ``export`` replaces ``--out`` only when it is an earlier export of
+this tool (it carries ``.eaopd_export.json``); ``import`` writes only into a new or empty folder or an
+earlier import's checkpoint. The checks are in ``megatron_eaopd.models.targets``, the conversion in
 ``megatron_eaopd.models.convert``.
 """
 
